@@ -1,0 +1,541 @@
+"""Policy files (TOML) -> one frozen, typed ``Config``, validated once at load.
+
+Unknown keys are errors. Every error is a ``ConfigError`` whose text is one line
+naming the file, the dotted key and the problem (Postfix's WHERE), e.g.
+``policies/relay.toml: outbound.default_level: expected one of may, encrypt, ...``.
+
+Relative paths in a policy are resolved against the data directory (``MTA_HOME``,
+default ``./var``), so that ``mta run`` with no arguments keeps everything in one place.
+``validate`` is pure; ``load`` and ``load_default`` only add reading the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from mta.errors import ConfigError
+from mta.model import TlsLevel
+
+ListenerMode = Literal["relay", "submission", "smtps"]
+LISTENER_MODES: Final = ("relay", "submission", "smtps")
+DEFAULT_LEVELS: Final = (TlsLevel.MAY, TlsLevel.ENCRYPT, TlsLevel.VERIFY, TlsLevel.SECURE)
+DEFAULT_POLICY_NAME: Final = "relay.toml"
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: str = "127.0.0.1"
+    port: int = 2525
+    mode: ListenerMode = "relay"
+    require_tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path
+    key_file: Path
+    max_age: float = 5 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    networks: tuple[IpNetwork, ...]
+    local_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolver:
+    host: str
+    port: int = 53
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    resolvers: tuple[Resolver, ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    port: int = 25
+    default_level: TlsLevel = TlsLevel.ENCRYPT
+    max_connections: int = 100
+    max_per_destination: int = 20
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    retry_min: float = 300.0
+    retry_max: float = 4000.0
+    helo_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """Where mail for a route goes. ``mx_lookup`` is False for ``[host]`` and IP literals."""
+
+    host: str
+    port: int | None
+    mx_lookup: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    domain: str  # "example.net", ".example.net" (subdomains) or "*"
+    nexthop: Nexthop
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    message_size: int = 10 * 1024 * 1024
+    recipients: int = 1000
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    home: Path
+    hostname: str
+    listeners: tuple[ListenerConfig, ...]
+    spool: SpoolConfig
+    relay: RelayConfig
+    dns: DnsConfig
+    tls: TlsConfig
+    outbound: OutboundConfig
+    routes: tuple[Route, ...]
+    limits: LimitsConfig
+    auth: AuthConfig
+    log: LogConfig
+
+    @property
+    def control_socket(self) -> Path:
+        """The operator commands' socket (``mta queue flush`` while the relay runs)."""
+        return self.spool.path / "control.sock"
+
+    def route_for(self, domain: str) -> Route | None:
+        """The most specific route for a recipient domain: exact, then ``.parent``, then ``*``."""
+        domain = domain.lower()
+        best: Route | None = None
+        best_rank = -1
+        for route in self.routes:
+            rank = _route_rank(route.domain, domain)
+            if rank > best_rank:
+                best, best_rank = route, rank
+        return best
+
+
+def _route_rank(pattern: str, domain: str) -> int:
+    if pattern == domain:
+        return 1_000_000
+    if pattern.startswith(".") and domain.endswith(pattern):
+        return len(pattern)
+    if pattern == "*":
+        return 0
+    return -1
+
+
+# --- duration, nexthop and size parsing (pure helpers, also used by the CLI) ---
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
+_SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"`` or plain seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 5m, 4h or 5d, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """``"10MiB"``, ``"512k"``, or plain bytes -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"expected a size like 10MiB or 512k, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_nexthop(text: str) -> Nexthop:
+    """Postfix-style next hop: ``host``, ``host:port``, ``[host]:port``, ``[::1]:25``, ``ip:port``.
+
+    A bare host name gets an MX lookup; ``[host]`` and IP literals do not.
+    """
+    text = text.strip()
+    port: int | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [host] or [host]:port, got {text!r}")
+        if rest:
+            port = _port(rest[1:])
+        mx_lookup = False
+    else:
+        host, sep, port_text = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+        if sep:
+            port = _port(port_text)
+        mx_lookup = not _is_ip(host)
+    if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
+        raise ValueError(f"expected a host name or IP address, got {text!r}")
+    return Nexthop(host=host.lower().rstrip("."), port=port, mx_lookup=mx_lookup)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_resolver(text: str) -> Resolver:
+    """``"127.0.0.1"``, ``"127.0.0.1:5353"``, ``"::1"`` or ``"[::1]:5353"``."""
+    hop = parse_nexthop(text) if not _is_ip(text) else Nexthop(text, None, False)
+    if not _is_ip(hop.host):
+        raise ValueError(f"expected an IP address, optionally with :port, got {text!r}")
+    return Resolver(host=hop.host, port=hop.port or 53)
+
+
+# --- validation: raw TOML tables -> Config ---
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table being read: tracks the dotted key for errors and rejects unknown keys."""
+
+    def __init__(self, source: str, prefix: str, raw: Mapping[str, Any]) -> None:
+        self.source, self.prefix, self.raw = source, prefix, raw
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.raw:
+            return default
+        value = self.raw[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(name, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def convert(self, name: str, kind: type[T], default: Any, parse: Callable[[T], Any]) -> Any:
+        value = self.get(name, kind, None)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise self.error(name, str(err)) from None
+
+    def strings(self, name: str) -> list[str]:
+        values = self.get(name, list, [])
+        for value in values:
+            if not isinstance(value, str):
+                raise self.error(name, f"expected a list of strings, got {value!r}")
+        return values
+
+    def table(self, name: str) -> _Table:
+        raw = self.get(name, dict, {})
+        return _Table(self.source, self.key(name), raw)
+
+    def tables(self, name: str) -> list[_Table]:
+        raws = self.get(name, list, [])
+        out = []
+        for index, raw in enumerate(raws):
+            if not isinstance(raw, dict):
+                raise self.error(name, f"expected [[{self.key(name)}]] tables, got {raw!r}")
+            out.append(_Table(self.source, f"{self.key(name)}[{index}]", raw))
+        return out
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kind: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+def _positive(table: _Table, name: str, kind: type[T], default: T) -> T:
+    value = table.get(name, kind, default)
+    if not value > 0:  # type: ignore[operator]
+        raise table.error(name, f"expected a positive number, got {value!r}")
+    return value
+
+
+def _path(table: _Table, name: str, home: Path, default: str | None) -> Path | None:
+    text = table.get(name, str, default)
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else home / path
+
+
+def _duration(table: _Table, name: str, default: float) -> float:
+    value = table.convert(name, str, default, parse_duration)
+    assert isinstance(value, float)
+    if value <= 0:
+        raise table.error(name, "expected a positive duration")
+    return value
+
+
+def _listener(table: _Table, home: Path) -> ListenerConfig:
+    address = table.get("address", str, "127.0.0.1")
+    if not _is_ip(address):
+        raise table.error("address", f"expected an IP address, got {address!r}")
+    port = table.convert("port", int, 2525, lambda p: _port(str(p)))
+    mode = table.get("mode", str, "relay")
+    if mode not in LISTENER_MODES:
+        raise table.error("mode", f"expected one of {', '.join(LISTENER_MODES)}, got {mode!r}")
+    cert = _path(table, "tls_cert", home, None)
+    key = _path(table, "tls_key", home, None)
+    if (cert is None) != (key is None):
+        raise table.error(
+            "tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together"
+        )
+    listener = ListenerConfig(
+        address=address,
+        port=port,
+        mode=mode,  # type: ignore[arg-type]
+        require_tls=table.get("require_tls", bool, mode != "relay"),
+        tls_cert=cert,
+        tls_key=key,
+    )
+    table.done()
+    return listener
+
+
+def _network(text: str) -> IpNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"expected an IP network like 127.0.0.0/8, got {text!r}") from None
+
+
+def _domain(text: str) -> str:
+    domain = text.strip().lower().rstrip(".")
+    if domain != "*" and not _HOSTNAME.match(domain.lstrip(".")):
+        raise ValueError(f"expected a domain name, got {text!r}")
+    return domain
+
+
+def _list_of(table: _Table, name: str, parse: Callable[[str], T]) -> tuple[T, ...]:
+    out = []
+    for text in table.strings(name):
+        try:
+            out.append(parse(text))
+        except ValueError as err:
+            raise table.error(name, str(err)) from None
+    return tuple(out)
+
+
+def _level(text: str) -> TlsLevel:
+    try:
+        level = TlsLevel.from_label(text)
+    except ValueError:
+        level = None
+    if level not in DEFAULT_LEVELS:
+        names = ", ".join(lvl.label for lvl in DEFAULT_LEVELS)
+        raise ValueError(f"expected one of {names}, got {text!r}")
+    return level
+
+
+def validate(raw: Mapping[str, Any], source: str, home: Path) -> Config:
+    """Turn a parsed TOML document into a ``Config``; raise ``ConfigError`` on the first problem.
+
+    Parameters:
+        raw: the document as ``tomllib`` returns it.
+        source: the file name to put in errors.
+        home: the data directory that relative paths are resolved against.
+    """
+    top = _Table(source, "", raw)
+    hostname = top.get("hostname", str, "")
+
+    listeners = tuple(_listener(t, home) for t in top.tables("listener"))
+    if not listeners:
+        listeners = (ListenerConfig(),)
+
+    spool_t = top.table("spool")
+    spool_path = _path(spool_t, "path", home, "spool")
+    key_file = _path(spool_t, "key_file", home, "keys/spool.key")
+    assert spool_path is not None
+    assert key_file is not None
+    spool = SpoolConfig(spool_path, key_file, _duration(spool_t, "max_age", 5 * 86400.0))
+    spool_t.done()
+
+    relay_t = top.table("relay")
+    networks = (
+        _list_of(relay_t, "networks", _network)
+        if "networks" in relay_t.raw
+        else (
+            _network("127.0.0.0/8"),
+            _network("::1/128"),
+        )
+    )
+    relay = RelayConfig(networks, _list_of(relay_t, "local_domains", _domain))
+    relay_t.done()
+
+    dns_t = top.table("dns")
+    dns = DnsConfig(_list_of(dns_t, "resolvers", parse_resolver), _duration(dns_t, "timeout", 10.0))
+    dns_t.done()
+
+    tls_t = top.table("tls")
+    tls = TlsConfig(ca_file=_path(tls_t, "ca_file", home, None))
+    tls_t.done()
+
+    out_t = top.table("outbound")
+    outbound = OutboundConfig(
+        port=out_t.convert("port", int, 25, lambda p: _port(str(p))),
+        default_level=out_t.convert("default_level", str, TlsLevel.ENCRYPT, _level),
+        max_connections=_positive(out_t, "max_connections", int, 100),
+        max_per_destination=_positive(out_t, "max_per_destination", int, 20),
+        connect_timeout=_duration(out_t, "connect_timeout", 30.0),
+        command_timeout=_duration(out_t, "command_timeout", 300.0),
+        retry_min=_duration(out_t, "retry_min", 300.0),
+        retry_max=_duration(out_t, "retry_max", 4000.0),
+        helo_name=out_t.get("helo_name", str, ""),
+    )
+    if outbound.retry_max < outbound.retry_min:
+        raise out_t.error("retry_max", "must not be shorter than outbound.retry_min")
+    out_t.done()
+
+    routes = []
+    for route_t in top.tables("route"):
+        if "domain" not in route_t.raw or "nexthop" not in route_t.raw:
+            missing = "domain" if "domain" not in route_t.raw else "nexthop"
+            raise route_t.error(missing, "required")
+        routes.append(
+            Route(
+                domain=route_t.convert("domain", str, "", _domain),
+                nexthop=route_t.convert("nexthop", str, None, parse_nexthop),
+            )
+        )
+        route_t.done()
+
+    limits_t = top.table("limits")
+    limits = LimitsConfig(
+        message_size=limits_t.convert("message_size", str, 10 * 1024 * 1024, parse_size),
+        recipients=_positive(limits_t, "recipients", int, 1000),
+        idle_timeout=_duration(limits_t, "idle_timeout", 300.0),
+    )
+    limits_t.done()
+
+    auth_t = top.table("auth")
+    auth = AuthConfig(password_file=_path(auth_t, "password_file", home, None))
+    auth_t.done()
+
+    log_t = top.table("log")
+    level = log_t.get("level", str, "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise log_t.error("level", f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    fmt = log_t.get("format", str, "text")
+    if fmt not in ("text", "json"):
+        raise log_t.error("format", f"expected text or json, got {fmt!r}")
+    log = LogConfig(level=level, format=fmt)  # type: ignore[arg-type]
+    log_t.done()
+
+    top.done()
+    for listener in listeners:
+        if listener.mode == "submission" and auth.password_file is None:
+            raise ConfigError(source, "auth.password_file", "required by a submission listener")
+    return Config(
+        source=source,
+        home=home,
+        hostname=hostname,
+        listeners=listeners,
+        spool=spool,
+        relay=relay,
+        dns=dns,
+        tls=tls,
+        outbound=outbound,
+        routes=tuple(routes),
+        limits=limits,
+        auth=auth,
+        log=log,
+    )
+
+
+def data_home(environ: Mapping[str, str] = os.environ) -> Path:
+    """The data directory: ``$MTA_HOME``, else ``./var``."""
+    return Path(environ.get("MTA_HOME") or "var").absolute()
+
+
+def parse_text(text: str, source: str, home: Path) -> Config:
+    """Parse and validate TOML text; a TOML syntax error is a ``ConfigError`` too."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, "(syntax)", str(err)) from None
+    return validate(raw, source, home)
+
+
+def load(path: Path, home: Path | None = None) -> Config:
+    """Read and validate a policy file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(path, "(file)", f"cannot read: {err}") from None
+    return parse_text(text, str(path), home or data_home())
+
+
+def default_policy_text() -> str:
+    """The embedded default policy (a copy of ``policies/relay.toml`` in the package)."""
+    return resources.files("mta").joinpath(DEFAULT_POLICY_NAME).read_text(encoding="utf-8")
+
+
+def load_default(home: Path | None = None) -> Config:
+    """The embedded default policy: what ``mta run`` uses with no ``--config``."""
+    return parse_text(
+        default_policy_text(), f"(embedded {DEFAULT_POLICY_NAME})", home or data_home()
+    )

@@ -1,0 +1,98 @@
+"""The immutable values that flow between stages: envelope, TLS level, delivery results.
+
+Pure: no I/O. receive -> spool -> schedule -> deliver -> report hand each other these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NewType
+
+from mta.reply import SmtpReply
+
+QueueId = NewType("QueueId", str)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the client said in MAIL FROM / RCPT TO, plus where it came from.
+
+    ``mail_from`` is ``""`` for the null sender ``<>`` (bounces never go to it).
+    """
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    received_at: float
+    client_address: str = ""
+    helo: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+
+def domain_of(address: str) -> str:
+    """The domain of an address: after the last ``@``, lower-cased ("" when none)."""
+    _, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at else ""
+
+
+class TlsLevel(enum.IntEnum):
+    """Outbound TLS security levels, named as Postfix's ``smtp_tls_security_level``."""
+
+    MAY = 0  # opportunistic: plaintext allowed (only where a policy says so)
+    ENCRYPT = 1  # TLS with forward secrecy required, peer not authenticated
+    DANE = 2  # DANE where usable TLSA exist, else encrypt
+    DANE_ONLY = 3  # DANE required
+    VERIFY = 4  # PKIX, certificate names the MX host
+    SECURE = 5  # PKIX, certificate names the next-hop domain (or a subdomain)
+    FINGERPRINT = 6  # pinned certificate or public-key digests
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_label(cls, label: str) -> TlsLevel:
+        """Parse ``"dane-only"`` etc.; raises ``ValueError`` for an unknown level."""
+        try:
+            return cls[label.upper().replace("-", "_")]
+        except KeyError:
+            raise ValueError(label) from None
+
+
+class Outcome(enum.Enum):
+    """What happened to one recipient in one attempt."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What was negotiated with a peer (logged with every result)."""
+
+    version: str
+    cipher: str
+    peer_verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """One recipient's result: the reply that decided it and, for TLS failures,
+    the RFC 8460 result type (``starttls-not-supported``, ``no-forward-secrecy``...)."""
+
+    rcpt: str
+    outcome: Outcome
+    reply: SmtpReply
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """The result of one delivery attempt for the recipients of one domain."""
+
+    domain: str
+    results: tuple[RecipientResult, ...]
+    mx: str | None = None
+    tls: TlsInfo | None = None
