@@ -1,0 +1,36 @@
+"""The TLS floor shared by every listener and every outbound connection.
+
+TLS >= 1.2; in TLS 1.2 only ECDHE/DHE suites with AEAD ciphers (forward secrecy);
+TLS 1.3 suites are all forward secret. ``@SECLEVEL=2`` makes OpenSSL refuse RSA and
+DH keys under 2048 bits and EC keys under 224 bits, ours and peers'.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Final
+
+FORWARD_SECRET_CIPHERS: Final = (
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS:!PSK:!SRP:@SECLEVEL=2"
+)
+_FS_KEY_EXCHANGES: Final = ("ECDHE-", "DHE-")
+
+
+def harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Apply the floor to a context (in place) and return it."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(FORWARD_SECRET_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def is_forward_secret(version: str | None, cipher: str | None) -> bool:
+    """Whether a negotiated (protocol, cipher) pair has forward secrecy.
+
+    Every TLS 1.3 suite does; in TLS 1.2 only (EC)DHE key exchange does.
+    """
+    if version == "TLSv1.3":
+        return True
+    if version == "TLSv1.2" and cipher:
+        return cipher.startswith(_FS_KEY_EXCHANGES)
+    return False
