@@ -1,0 +1,200 @@
+"""Composition root: the one place that builds the I/O objects, wires them and shuts down.
+
+receive -> spool -> schedule -> deliver: the listeners only store a message durably and
+hand its queue id to the scheduler; the scheduler alone drives delivery. SIGTERM stops
+the listeners, lets deliveries in flight finish (bounded), and exits; the spool is the
+only state, so the next start picks the queue up where this one left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from mta.clock import SystemClock
+from mta.config import Config, ListenerConfig
+from mta.control import start_control
+from mta.deliver.agent import DeliveryAgent
+from mta.errors import KeyFileError
+from mta.model import Envelope, QueueId
+from mta.policy.dns import DnsClient
+from mta.receive.auth import PasswordFile
+from mta.receive.server import start_listeners
+from mta.receive.tls import ensure_self_signed, server_context
+from mta.schedule.scheduler import Scheduler
+from mta.spool.keys import KeyRing
+from mta.spool.store import SpoolStore
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE: Final = 30.0
+
+
+def hostname_of(config: Config) -> str:
+    """Our name in banners and headers: the policy's ``hostname``, else the system's."""
+    return config.hostname or socket.getfqdn()
+
+
+def open_keyring(config: Config, store: SpoolStore) -> tuple[KeyRing, bool]:
+    """Load the spool keys, creating them only for an empty spool.
+
+    A missing key file next to spooled messages is an operator error (a lost or
+    unmounted key): refuse to start rather than quarantine every message. Likewise
+    when a spooled record names a key the file does not hold.
+    """
+    key_file = config.spool.key_file
+    spooled = store.queue_ids()
+    if not key_file.exists() and not key_file.is_symlink():
+        if spooled:
+            raise KeyFileError(
+                f"{key_file}: missing, but the spool holds {len(spooled)} messages; "
+                "restore the key file (refusing to start)"
+            )
+        return KeyRing.create(key_file), True
+    keyring = KeyRing.load(key_file)
+    missing = sorted(set(store.key_references()) - set(keyring.ids()))
+    if missing:
+        raise KeyFileError(
+            f"{key_file}: spooled messages need key ids {', '.join(missing)} that it "
+            "does not hold (refusing to start; the spool is untouched)"
+        )
+    return keyring, False
+
+
+@dataclass
+class Relay:
+    """The running relay's parts, kept together for shutdown."""
+
+    store: SpoolStore
+    scheduler: Scheduler
+    servers: list[asyncio.Server]
+    control: asyncio.Server
+    scheduler_task: asyncio.Task[None]
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        for server in self.servers:
+            server.close()
+        await self.scheduler.stop(grace)
+        self.scheduler_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.scheduler_task
+        self.control.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+def _tls_contexts(
+    config: Config, hostname: str
+) -> tuple[Callable[[ListenerConfig], ssl.SSLContext], Path | None]:
+    """One server context per listener; a self-signed certificate where none is configured."""
+    created: Path | None = None
+    default: ssl.SSLContext | None = None
+    contexts: dict[int, ssl.SSLContext] = {}
+    for index, listener in enumerate(config.listeners):
+        if listener.tls_cert is not None and listener.tls_key is not None:
+            contexts[index] = server_context(listener.tls_cert, listener.tls_key)
+            continue
+        if default is None:
+            cert, key, made = ensure_self_signed(config.home / "tls", hostname)
+            created = cert if made else None
+            default = server_context(cert, key)
+        contexts[index] = default
+    by_listener = {id(listener): contexts[i] for i, listener in enumerate(config.listeners)}
+    return (lambda listener: by_listener[id(listener)]), created
+
+
+async def start(config: Config) -> Relay:
+    """Build and start everything; return once the listeners accept connections."""
+    hostname = hostname_of(config)
+    store = SpoolStore(config.spool.path, KeyRing.placeholder())
+    keyring, key_created = open_keyring(config, store)
+    store = SpoolStore(config.spool.path, keyring)
+    store.ensure_dirs()
+    store.sweep_tmp()
+    tls_for, cert_created = _tls_contexts(config, hostname)
+    if key_created or cert_created:
+        log.info(
+            "mta.init",
+            extra={
+                "home": str(config.home),
+                "spool_key": str(config.spool.key_file) if key_created else "(existing)",
+                "certificate": str(cert_created) if cert_created else "(existing)",
+            },
+        )
+    passwords = PasswordFile.load(config.auth.password_file) if config.auth.password_file else None
+
+    dns = DnsClient(config.dns.resolvers, config.dns.timeout)
+    agent = DeliveryAgent(config, dns, random.Random())  # noqa: S311 - MX tie-break, not crypto
+    scheduler = Scheduler(
+        store,
+        agent,
+        SystemClock(),
+        outbound=config.outbound,
+        max_age=config.spool.max_age,
+        hostname=hostname,
+    )
+    recovered = await scheduler.recover()
+
+    async def accept(envelope: Envelope, content: bytes) -> QueueId:
+        qid = await store.put(envelope, content)
+        scheduler.enqueue(qid, envelope)
+        return qid
+
+    scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    authenticator = passwords.authenticator if passwords else None
+    servers = await start_listeners(config, accept, tls_for, authenticator, hostname)
+
+    def reload_keys() -> str:
+        keyring.reload()
+        return f"ok active={keyring.active_id}"
+
+    control = await start_control(
+        config.control_socket,
+        {
+            "flush": lambda: f"ok {scheduler.flush()}",
+            "reload-keys": reload_keys,
+            "ping": lambda: "ok",
+        },
+    )
+    log.info(
+        "mta.ready",
+        extra={
+            "listen": ",".join(f"{lc.address}:{lc.port}/{lc.mode}" for lc in config.listeners),
+            "spool": str(config.spool.path),
+            "queued": recovered,
+            "default_level": config.outbound.default_level.label,
+        },
+    )
+    return Relay(store, scheduler, servers, control, scheduler_task)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    relay = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("mta.stopping", extra={"grace_s": SHUTDOWN_GRACE})
+    await relay.close()
+    log.info("mta.stopped")
+
+
+def run(config: Config) -> None:
+    """Entry point for ``mta run``: uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

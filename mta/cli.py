@@ -1,0 +1,182 @@
+"""The ``mta`` command: run | queue | keys | passwd | policy.
+
+Exit status: 0 ok, 1 operational failure (e.g. a refused key file), 2 bad policy or
+usage. Errors are one line on stderr naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mta import __version__, config, control
+from mta.errors import ConfigError, MtaError
+from mta.log import setup as setup_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    if args.config is None:
+        return config.load_default()
+    return config.load(Path(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    setup_logging(cfg.log.level, cfg.log.format)
+    from mta import app
+
+    app.run(cfg)
+    return EXIT_OK
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    from mta.queueview import list_queue
+
+    cfg = _load(args)
+    entries = asyncio.run(list_queue(cfg, now=time.time()))
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print("Mail queue is empty")
+        return EXIT_OK
+    print(f"{'QUEUE ID':<22} {'AGE':>7}  {'NEXT':>7}  DOMAINS / LAST ERROR")
+    for entry in entries:
+        print(entry.as_line())
+    print(f"-- {len(entries)} message(s)")
+    return EXIT_OK
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    answer = control.ask(cfg.control_socket, "flush")
+    if answer is None:
+        from mta.queueview import flush_offline
+
+        count = asyncio.run(flush_offline(cfg, now=time.time()))
+        print(f"relay not running; {count} message(s) marked due now for its next start")
+        return EXIT_OK
+    if not answer.startswith("ok"):
+        print(f"mta: relay answered: {answer}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"flushed: {answer.removeprefix('ok').strip()} message(s) due now")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from mta.queueview import key_usage
+    from mta.spool.keys import KeyRing
+
+    cfg = _load(args)
+    keyring = KeyRing.load(cfg.spool.key_file)
+    if args.action == "rotate":
+        new_id = keyring.rotate()
+        print(f"new active key {new_id} in {cfg.spool.key_file}")
+        answer = control.ask(cfg.control_socket, "reload-keys")
+        print("running relay reloaded its keys" if answer else "relay not running")
+    references = key_usage(cfg)
+    if args.action == "prune":
+        dropped = keyring.prune(set(references))
+        print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
+        if dropped:
+            control.ask(cfg.control_socket, "reload-keys")
+    for key_id in keyring.ids():
+        state = "active" if key_id == keyring.active_id else "old"
+        print(f"{key_id}  {state:<6}  {references.get(key_id, 0)} spool record(s)")
+    return EXIT_OK
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from mta.receive.auth import add_user
+
+    cfg = _load(args)
+    path = Path(args.file) if args.file else cfg.auth.password_file
+    if path is None:
+        raise ConfigError(cfg.source, "auth.password_file", "not set; give --file or set it")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("mta: empty password refused", file=sys.stderr)
+        return EXIT_CONFIG
+    add_user(path, args.user, password)
+    print(f"{args.user}: password set in {path}")
+    return EXIT_OK
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for name in args.files:
+        try:
+            config.load(Path(name))
+        except ConfigError as err:
+            print(f"mta: {err}", file=sys.stderr)
+            status = EXIT_CONFIG
+        else:
+            print(f"{name}: ok")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mta", description="Mail transport security relay.")
+    parser.add_argument("--version", action="version", version=f"mta {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="FILE", help="policy file (default: the embedded one)")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the relay"))
+    run.set_defaults(func=cmd_run)
+
+    queue = sub.add_parser("queue", help="inspect or flush the queue").add_subparsers(
+        dest="action", required=True
+    )
+    qlist = with_config(queue.add_parser("list", help="list queued messages (like mailq)"))
+    qlist.add_argument("--json", action="store_true", help="one JSON document")
+    qlist.set_defaults(func=cmd_queue_list)
+    qflush = with_config(queue.add_parser("flush", help="retry every queued message now"))
+    qflush.set_defaults(func=cmd_queue_flush)
+
+    keys = with_config(sub.add_parser("keys", help="spool key management"))
+    keys.add_argument("action", choices=["list", "rotate", "prune"])
+    keys.set_defaults(func=cmd_keys)
+
+    passwd = with_config(sub.add_parser("passwd", help="add or change an AUTH user"))
+    passwd.add_argument("user")
+    passwd.add_argument("--file", help="password file (default: auth.password_file)")
+    passwd.set_defaults(func=cmd_passwd)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(
+        dest="action", required=True
+    )
+    validate = policy.add_parser("validate", help="check policy files without starting anything")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=cmd_policy_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except ConfigError as err:
+        print(f"mta: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MtaError as err:
+        print(f"mta: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return status

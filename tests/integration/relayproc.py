@@ -1,0 +1,137 @@
+"""The relay as a real process (``python -m mta run``), as an operator runs it.
+
+Tests start it with a policy file in a temporary data directory, talk SMTP to it,
+kill it (SIGTERM or SIGKILL) and start it again on the same spool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+READY_TIMEOUT = 20.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (bind to 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client context for talking to the relay's self-signed listener."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def run_mta(
+    *args: str, home: Path, stdin: str = "", timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``mta`` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "mta", *args],
+        env={**os.environ, "MTA_HOME": str(home)},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class RelayProcess:
+    """One relay process with its policy file, data directory and log file."""
+
+    def __init__(self, tmp_path: Path, policy: str, *, port: int | None = None) -> None:
+        self.home = tmp_path / "var"
+        self.port = port or free_port()
+        self.policy_file = tmp_path / "relay.toml"
+        self.log_file = tmp_path / "relay.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_policy(policy)
+
+    def write_policy(self, policy: str) -> None:
+        """Write the policy with our listener first; ``policy`` adds the rest."""
+        listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {self.port}\n\n'
+        self.policy_file.write_text(listener + policy)
+
+    @property
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def start(self) -> RelayProcess:
+        mark = len(self.log)
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mta", "run", "--config", str(self.policy_file)],
+                env={**os.environ, "MTA_HOME": str(self.home)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "mta.ready" not in self.log[mark:]:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log[mark:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"relay not ready in {READY_TIMEOUT}s:\n{self.log[mark:]}")
+            time.sleep(0.05)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 40) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def mta(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return run_mta(*args, "--config", str(self.policy_file), home=self.home, stdin=stdin)
+
+    @contextlib.contextmanager
+    def smtp(self, *, starttls: bool = True) -> Iterator[smtplib.SMTP]:
+        with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=20) as smtp:
+            if starttls:
+                smtp.starttls(context=client_tls())
+            yield smtp
+
+    def send(
+        self, sender: str, rcpts: list[str], message: bytes | str, *, starttls: bool = True
+    ) -> None:
+        """Send one message; raises unless every recipient got 250."""
+        with self.smtp(starttls=starttls) as smtp:
+            refused = smtp.sendmail(sender, rcpts, message)
+            assert not refused, refused
+
+    def spool_files(self) -> list[Path]:
+        return sorted(p for p in (self.home / "spool").rglob("*") if p.is_file())
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    """Poll ``predicate()`` until true, at most ``timeout`` seconds."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
