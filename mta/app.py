@@ -32,7 +32,7 @@ from mta.receive.server import start_listeners
 from mta.receive.tls import ensure_self_signed, server_context
 from mta.schedule.scheduler import Scheduler
 from mta.spool.keys import KeyRing
-from mta.spool.store import SpoolStore
+from mta.spool.store import SpoolDirectory, SpoolStore
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def hostname_of(config: Config) -> str:
     return config.hostname or socket.getfqdn()
 
 
-def open_keyring(config: Config, store: SpoolStore) -> tuple[KeyRing, bool]:
+def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
     """Load the spool keys, creating them only for an empty spool.
 
     A missing key file next to spooled messages is an operator error (a lost or
@@ -52,7 +52,7 @@ def open_keyring(config: Config, store: SpoolStore) -> tuple[KeyRing, bool]:
     when a spooled record names a key the file does not hold.
     """
     key_file = config.spool.key_file
-    spooled = store.queue_ids()
+    spooled = spool.queue_ids()
     if not key_file.exists() and not key_file.is_symlink():
         if spooled:
             raise KeyFileError(
@@ -61,7 +61,7 @@ def open_keyring(config: Config, store: SpoolStore) -> tuple[KeyRing, bool]:
             )
         return KeyRing.create(key_file), True
     keyring = KeyRing.load(key_file)
-    missing = sorted(set(store.key_references()) - set(keyring.ids()))
+    missing = sorted(set(spool.key_references()) - set(keyring.ids()))
     if missing:
         raise KeyFileError(
             f"{key_file}: spooled messages need key ids {', '.join(missing)} that it "
@@ -115,8 +115,7 @@ def _tls_contexts(
 async def start(config: Config) -> Relay:
     """Build and start everything; return once the listeners accept connections."""
     hostname = hostname_of(config)
-    store = SpoolStore(config.spool.path, KeyRing.placeholder())
-    keyring, key_created = open_keyring(config, store)
+    keyring, key_created = open_keyring(config, SpoolDirectory(config.spool.path))
     store = SpoolStore(config.spool.path, keyring)
     store.ensure_dirs()
     store.sweep_tmp()

@@ -1,0 +1,69 @@
+"""Durable file primitives shared by the key ring and the spool store.
+
+A file counts as written only once its data is fsynced, it has been renamed into
+place and the directory holding the new name is fsynced (RFC 5321 §6.1: accept a
+message only once it is on stable storage). Files are created 0600, never through a
+symbolic link. Callers translate ``OSError`` into their own errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Final
+
+FILE_MODE: Final = 0o600
+DIR_MODE: Final = 0o700
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+    fd = os.open(path, _CREATE, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``tmp``, then atomically make it ``final``.
+
+    On failure ``tmp`` is removed. If only the last directory fsync fails, ``final``
+    is in place but may not survive a crash; the caller decides what to do about it.
+    """
+    try:
+        write_new(tmp, data)
+        os.replace(tmp, final)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def read_file(path: Path, limit: int = -1) -> bytes:
+    """The bytes of a regular file (at most ``limit``), without following a final link."""
+    fd = os.open(path, _READ)
+    with open(fd, "rb", closefd=True) as file:
+        return file.read(limit)
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,115 @@
+"""The plaintext of a message record: the envelope and the raw content, in one byte string.
+
+Pure: no I/O. ``u32 length | JSON envelope | content``. The JSON is re-validated on
+decode (Postfix: do not trust the contents of queue files), although a record only
+reaches ``decode_message`` after it has been authenticated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, Final, TypeVar
+
+from mta.model import Envelope
+from mta.spool.record import RecordError
+
+FORMAT: Final = 1
+_LENGTH: Final = struct.Struct(">I")
+T = TypeVar("T")
+
+_FIELDS: Final = frozenset(
+    {
+        "v",
+        "mail_from",
+        "rcpt_tos",
+        "received_at",
+        "client_address",
+        "helo",
+        "smtputf8",
+        "body_8bit",
+    }
+)
+
+
+def encode_message(envelope: Envelope, content: bytes) -> bytes:
+    """The record payload for a message: its envelope as JSON, then its content."""
+    doc = {
+        "v": FORMAT,
+        "mail_from": envelope.mail_from,
+        "rcpt_tos": list(envelope.rcpt_tos),
+        "received_at": float(envelope.received_at),
+        "client_address": envelope.client_address,
+        "helo": envelope.helo,
+        "smtputf8": envelope.smtputf8,
+        "body_8bit": envelope.body_8bit,
+    }
+    meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
+    return b"".join((_LENGTH.pack(len(meta)), meta, content))
+
+
+def decode_message(payload: bytes) -> tuple[Envelope, bytes]:
+    """Split a message payload into envelope and content; ``RecordError`` if malformed."""
+    if len(payload) < _LENGTH.size:
+        raise RecordError("message payload too short")
+    (size,) = _LENGTH.unpack_from(payload)
+    end = _LENGTH.size + size
+    if end > len(payload):
+        raise RecordError("message envelope length exceeds the payload")
+    return _envelope(_load(payload[_LENGTH.size : end])), payload[end:]
+
+
+def _load(meta: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(meta.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise RecordError("message envelope is not valid JSON") from None
+    if not isinstance(doc, dict) or set(doc) != _FIELDS:
+        raise RecordError("message envelope has the wrong fields")
+    if doc["v"] != FORMAT or isinstance(doc["v"], bool):
+        raise RecordError("unsupported message envelope format")
+    return doc
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _envelope(doc: dict[str, Any]) -> Envelope:
+    return Envelope(
+        mail_from=_typed(doc, "mail_from", str),
+        rcpt_tos=tuple(_strings(doc, "rcpt_tos")),
+        received_at=_number(doc, "received_at"),
+        client_address=_typed(doc, "client_address", str),
+        helo=_typed(doc, "helo", str),
+        smtputf8=_typed(doc, "smtputf8", bool),
+        body_8bit=_typed(doc, "body_8bit", bool),
+    )
+
+
+def _typed(doc: dict[str, Any], name: str, kind: type[T]) -> T:
+    value = doc[name]
+    if not isinstance(value, kind):
+        raise RecordError(f"message envelope field {name} has the wrong type")
+    return value
+
+
+def _strings(doc: dict[str, Any], name: str) -> list[str]:
+    values = _typed(doc, name, list)
+    if not all(isinstance(value, str) for value in values):
+        raise RecordError(f"message envelope field {name} has the wrong type")
+    return values
+
+
+def _number(doc: dict[str, Any], name: str) -> float:
+    value = doc[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError(f"message envelope field {name} has the wrong type")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise RecordError(f"message envelope field {name} is out of range")
+    return number

@@ -1,0 +1,286 @@
+"""The durable, encrypted spool: one sealed file per queued message, one per its state.
+
+``put`` returns only once the sealed message is on stable storage (temp file, fsync,
+rename into ``msg/``, fsync of ``msg/``), so ``250 OK`` is never said for mail a
+crash could lose. Nothing in clear reaches the disk: file contents are records
+(``spool.record``) and file names are random queue ids. Records that fail to parse
+or authenticate raise ``SpoolCorrupt``; the caller moves them to ``quarantine/``
+(Postfix's ``corrupt`` queue), never retries them. Blocking file work runs in a
+thread (``asyncio.to_thread``), never on the event loop.
+
+Layout (directories 0700, files 0600)::
+
+    root/msg/<qid>                     sealed message (kind 1)
+    root/state/<qid>                   sealed delivery state (kind 2), once written
+    root/tmp/<qid>.<random>            being written; removed by ``sweep_tmp`` at start
+    root/quarantine/<qid>.msg|.state   records that failed to open
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import errno
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+from mta.errors import SpoolError
+from mta.model import Envelope, QueueId
+from mta.spool import _files
+from mta.spool.envelope import decode_message, encode_message
+from mta.spool.keys import KeyRing
+from mta.spool.record import MAX_HEADER_SIZE, RecordError, RecordKind, read_header, seal, unseal
+
+log = logging.getLogger(__name__)
+
+QID: Final = re.compile(r"[A-Za-z0-9]{1,64}")
+QID_LENGTH: Final = 20
+_PUT_ATTEMPTS: Final = 5
+
+Random = Callable[[int], bytes]
+
+
+def random_qid(random: Random = os.urandom) -> QueueId:
+    """A fresh queue id: 20 lower-case base32 characters (100 random bits)."""
+    return QueueId(base64.b32encode(random(15)).decode("ascii").lower()[:QID_LENGTH])
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str, qid: str) -> Iterator[None]:
+    """Translate ``OSError`` into ``SpoolError`` (the one place the store does it)."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or errno.errorcode.get(err.errno or 0, "I/O error")
+        log.error("spool.io_error", extra={"action": action, "qid": qid, "error": reason})
+        raise SpoolError(f"cannot {action} {qid}: {reason}") from err
+
+
+class SpoolDirectory:
+    """The spool's directories and the scans that need no key (``mta keys list``, start-up checks).
+
+    Parameters:
+        root: the spool directory (``spool.path``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.msg_dir = root / "msg"
+        self.state_dir = root / "state"
+        self.tmp_dir = root / "tmp"
+        self.quarantine_dir = root / "quarantine"
+
+    def ensure_dirs(self) -> None:
+        """Create the spool directories (0700), tightening them if they exist."""
+        for path in (self.root, self.msg_dir, self.state_dir, self.tmp_dir, self.quarantine_dir):
+            path.mkdir(mode=_files.DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(path, _files.DIR_MODE)
+
+    def queue_ids(self) -> list[QueueId]:
+        """Every stored message, oldest first (by the time its file was written)."""
+        found = [(mtime, name) for name, mtime in _records(self.msg_dir)]
+        return [QueueId(name) for _, name in sorted(found)]
+
+    def key_references(self) -> dict[str, int]:
+        """Key id -> how many records (queued, state or quarantined) are sealed under it.
+
+        Reads headers only. Unreadable headers are skipped: they reference nothing.
+        """
+        counts: dict[str, int] = {}
+        for directory in (self.msg_dir, self.state_dir, self.quarantine_dir):
+            for name, _ in _records(directory, any_name=directory == self.quarantine_dir):
+                key_id = _key_id_of(directory / name)
+                if key_id is not None:
+                    counts[key_id] = counts.get(key_id, 0) + 1
+        return counts
+
+    def sweep_tmp(self) -> None:
+        """At start: remove half-written temp files, and states whose message is gone."""
+        with _storage_errors("sweep", "tmp"):
+            for entry in os.scandir(self.tmp_dir):
+                _files.unlink_quietly(Path(entry.path))
+            for name, _ in _records(self.state_dir):
+                if not os.path.lexists(self.msg_dir / name):
+                    _files.unlink_quietly(self.state_dir / name)
+            _files.fsync_dir(self.tmp_dir)
+            _files.fsync_dir(self.state_dir)
+
+
+class SpoolStore(SpoolDirectory):
+    """The spool under ``root``: sealed messages and delivery states.
+
+    Parameters:
+        root: the spool directory (``spool.path``).
+        keyring: the key-encryption keys; the active one seals new records.
+        random: source of random bytes for data keys, nonces and temp names.
+        new_qid: makes a fresh queue id (default: ``random_qid`` over ``random``).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        keyring: KeyRing,
+        *,
+        random: Random = os.urandom,
+        new_qid: Callable[[], QueueId] | None = None,
+    ) -> None:
+        super().__init__(root)
+        self.keyring = keyring
+        self._random = random
+        self._new_qid = new_qid or (lambda: random_qid(random))
+
+    # --- messages ---
+
+    async def put(self, envelope: Envelope, content: bytes) -> QueueId:
+        """Seal and store a message durably; return its queue id. ``SpoolError`` on failure."""
+        return await asyncio.to_thread(self._put, envelope, content)
+
+    def _put(self, envelope: Envelope, content: bytes) -> QueueId:
+        qid = self._fresh_qid()
+        record = self._seal(RecordKind.MESSAGE, qid, encode_message(envelope, content))
+        final = self.msg_dir / qid
+        with _storage_errors("store", qid):
+            try:
+                self._write(qid, final, record)
+            except OSError:
+                # Not acknowledged, so it must not be delivered either.
+                _files.unlink_quietly(final)
+                raise
+        log.info(
+            "spool.stored",
+            extra={"qid": qid, "size": len(record), "key_id": self.keyring.active_id},
+        )
+        return qid
+
+    def _fresh_qid(self) -> QueueId:
+        for _ in range(_PUT_ATTEMPTS):
+            qid = self._new_qid()
+            _check_qid(qid)
+            if not os.path.lexists(self.msg_dir / qid):
+                return qid
+        raise SpoolError("cannot find an unused queue id")
+
+    async def read(self, qid: QueueId) -> tuple[Envelope, bytes]:
+        """The envelope and content of a stored message (``SpoolCorrupt`` if bad)."""
+        return await asyncio.to_thread(self._read_message, qid)
+
+    def _read_message(self, qid: QueueId) -> tuple[Envelope, bytes]:
+        _check_qid(qid)
+        with _storage_errors("read", qid):
+            data = _files.read_file(self.msg_dir / qid)
+        return decode_message(self._unseal(RecordKind.MESSAGE, qid, data))
+
+    # --- delivery state ---
+
+    async def write_state(self, qid: QueueId, payload: bytes) -> None:
+        """Replace the delivery state of ``qid`` atomically and durably."""
+        await asyncio.to_thread(self._write_state, qid, payload)
+
+    def _write_state(self, qid: QueueId, payload: bytes) -> None:
+        _check_qid(qid)
+        record = self._seal(RecordKind.STATE, qid, payload)
+        with _storage_errors("write state of", qid):
+            self._write(qid, self.state_dir / qid, record)
+
+    async def read_state(self, qid: QueueId) -> bytes | None:
+        """The delivery state of ``qid``; None when none has been written yet."""
+        return await asyncio.to_thread(self._read_state, qid)
+
+    def _read_state(self, qid: QueueId) -> bytes | None:
+        _check_qid(qid)
+        with _storage_errors("read state of", qid):
+            try:
+                data = _files.read_file(self.state_dir / qid)
+            except FileNotFoundError:
+                return None
+        return self._unseal(RecordKind.STATE, qid, data)
+
+    # --- removal ---
+
+    async def remove(self, qid: QueueId) -> None:
+        """Delete a finished message and its state (the message first: an orphan state
+        is harmless and swept at start, an orphan message would be delivered again)."""
+        await asyncio.to_thread(self._remove, qid)
+
+    def _remove(self, qid: QueueId) -> None:
+        _check_qid(qid)
+        with _storage_errors("remove", qid):
+            for directory in (self.msg_dir, self.state_dir):
+                _files.unlink_quietly(directory / qid)
+                _files.fsync_dir(directory)
+        log.debug("spool.removed", extra={"qid": qid})
+
+    async def quarantine(self, qid: QueueId, reason: str) -> None:
+        """Move a message and its state to ``quarantine/``, durably; it is never retried.
+
+        ``reason`` is logged; it must not hold message content.
+        """
+        await asyncio.to_thread(self._quarantine, qid)
+        log.warning("spool.quarantined", extra={"qid": qid, "reason": reason})
+
+    def _quarantine(self, qid: QueueId) -> None:
+        _check_qid(qid)
+        moves = ((self.msg_dir, ".msg"), (self.state_dir, ".state"))
+        with _storage_errors("quarantine", qid):
+            for directory, suffix in moves:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(directory / qid, self.quarantine_dir / f"{qid}{suffix}")
+            _files.fsync_dir(self.quarantine_dir)
+            for directory, _ in moves:
+                _files.fsync_dir(directory)
+
+    # --- helpers ---
+
+    def _seal(self, kind: RecordKind, qid: QueueId, payload: bytes) -> bytes:
+        key_id = self.keyring.active_id
+        kek = self.keyring.get(key_id)
+        assert kek is not None  # the active key is always in the ring
+        return seal(payload, kind=kind, qid=qid, key_id=key_id, kek=kek, random=self._random)
+
+    def _unseal(self, kind: RecordKind, qid: QueueId, data: bytes) -> bytes:
+        try:
+            return unseal(data, kind=kind, qid=qid, keys=self.keyring.get)
+        except RecordError:
+            log.error("spool.corrupt", extra={"qid": qid, "kind": kind.name.lower()})
+            raise
+
+    def _write(self, qid: QueueId, final: Path, record: bytes) -> None:
+        tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
+        _files.replace_durably(tmp, final, record)
+
+
+def _check_qid(qid: str) -> None:
+    if not QID.fullmatch(qid):
+        raise SpoolError(f"invalid queue id {qid!r}")
+
+
+def _records(directory: Path, *, any_name: bool = False) -> list[tuple[str, int]]:
+    """(name, mtime in ns) of the regular files in ``directory`` named like a qid.
+
+    A directory that does not exist yet (before ``ensure_dirs``) holds nothing.
+    """
+    out: list[tuple[str, int]] = []
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return out
+    with entries:
+        for entry in entries:
+            if not (any_name or QID.fullmatch(entry.name)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False):
+                    out.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
+    return out
+
+
+def _key_id_of(path: Path) -> str | None:
+    try:
+        return read_header(_files.read_file(path, MAX_HEADER_SIZE)).key_id
+    except (OSError, RecordError):
+        return None

@@ -1,0 +1,121 @@
+"""Message payloads: envelope + content round trip; malformed payloads are RecordErrors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mta.model import Envelope
+from mta.spool.envelope import decode_message, encode_message
+from mta.spool.record import RecordError
+
+envelopes = st.builds(
+    Envelope,
+    mail_from=st.text(),
+    rcpt_tos=st.lists(st.text(), max_size=5).map(tuple),
+    received_at=st.floats(allow_nan=False, allow_infinity=False),
+    client_address=st.text(),
+    helo=st.text(),
+    smtputf8=st.booleans(),
+    body_8bit=st.booleans(),
+)
+
+ENVELOPE = Envelope("alice@example.org", ("bob@example.net",), 1_700_000_000.5, "192.0.2.1", "mx")
+
+
+@settings(deadline=None)
+@given(envelope=envelopes, content=st.binary())
+def test_round_trip(envelope: Envelope, content: bytes) -> None:
+    assert decode_message(encode_message(envelope, content)) == (envelope, content)
+
+
+def test_integer_time_comes_back_as_float() -> None:
+    envelope = Envelope("", ("x@example.net",), 1_700_000_000)
+    decoded, _ = decode_message(encode_message(envelope, b""))
+    assert decoded.received_at == 1_700_000_000.0
+    assert isinstance(decoded.received_at, float)
+
+
+def test_unicode_addresses_round_trip() -> None:
+    envelope = Envelope("jörg@bücher.example", ("用户@例子.广告",), 1.0, smtputf8=True)
+    assert decode_message(encode_message(envelope, b"body")) == (envelope, b"body")
+
+
+def test_content_is_kept_byte_for_byte() -> None:
+    content = b"Subject: x\r\n\r\n\x00\xff.\r\n"
+    assert decode_message(encode_message(ENVELOPE, content))[1] == content
+
+
+def payload_with(doc: object, content: bytes = b"") -> bytes:
+    meta = json.dumps(doc).encode()
+    return struct.pack(">I", len(meta)) + meta + content
+
+
+def good_doc() -> dict[str, object]:
+    meta = encode_message(ENVELOPE, b"")[4:]
+    doc = json.loads(meta)
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"v": 2}, "format"),
+        ({"v": True}, "format"),
+        ({"mail_from": 1}, "mail_from"),
+        ({"rcpt_tos": "bob@example.net"}, "rcpt_tos"),
+        ({"rcpt_tos": ["ok", 3]}, "rcpt_tos"),
+        ({"received_at": "now"}, "received_at"),
+        ({"received_at": True}, "received_at"),
+        ({"received_at": 10**400}, "received_at"),
+        ({"smtputf8": 1}, "smtputf8"),
+        ({"unknown": 1}, "fields"),
+    ],
+)
+def test_malformed_envelope(change: dict[str, object], problem: str) -> None:
+    doc = {**good_doc(), **change}
+    with pytest.raises(RecordError, match=problem):
+        decode_message(payload_with(doc))
+
+
+def test_missing_field() -> None:
+    doc = good_doc()
+    del doc["helo"]
+    with pytest.raises(RecordError, match="fields"):
+        decode_message(payload_with(doc))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00\x00\x00",
+        b"\x00\x00\x00\x10{}",  # length beyond the payload
+        b"\x00\x00\x00\x02[]",
+        b"\x00\x00\x00\x03NaN",
+        b"\x00\x00\x00\x051e999",
+        b"\x00\x00\x00\x02\xff\xfe",
+    ],
+)
+def test_malformed_payload(payload: bytes) -> None:
+    with pytest.raises(RecordError):
+        decode_message(payload)
+
+
+def test_deeply_nested_json_is_a_record_error() -> None:
+    meta = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(RecordError):
+        decode_message(struct.pack(">I", len(meta)) + meta)
+
+
+@settings(deadline=None)
+@given(garbage=st.binary(max_size=300))
+def test_garbage_raises_only_record_error(garbage: bytes) -> None:
+    with contextlib.suppress(RecordError):  # anything else fails the test
+        decode_message(garbage)

@@ -1,0 +1,357 @@
+"""The spool store on real files: nothing in clear on disk, durable puts, quarantine."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mta.errors import SpoolCorrupt, SpoolError
+from mta.model import Envelope, QueueId
+from mta.spool.keys import KeyRing
+from mta.spool.record import CHUNK_SIZE, RecordKind, read_header, seal
+from mta.spool.store import SpoolStore, random_qid
+
+ENVELOPE = Envelope(
+    "alice@example.org", ("bob@example.net", "carol@example.net"), 1_700_000_000.25, "192.0.2.7"
+)
+CONTENT = b"Subject: hello\r\n\r\nHi Bob.\r\n"
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> KeyRing:
+    return KeyRing.create(tmp_path / "keys" / "spool.key")
+
+
+@pytest.fixture
+def store(tmp_path: Path, keyring: KeyRing) -> SpoolStore:
+    spool = SpoolStore(tmp_path / "spool", keyring)
+    spool.ensure_dirs()
+    return spool
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def put(store: SpoolStore, envelope: Envelope = ENVELOPE, content: bytes = CONTENT) -> QueueId:
+    return asyncio.run(store.put(envelope, content))
+
+
+# --- nothing in clear ---
+
+
+def assert_nowhere(root: Path, token: str) -> None:
+    forms = {token.encode(), token.lower().encode(), token.encode("utf-16-le")}
+    for path in root.rglob("*"):
+        assert token.lower() not in str(path.relative_to(root)).lower()
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(form in data for form in forms), path
+
+
+def test_no_plaintext_anywhere_under_the_spool(store: SpoolStore) -> None:
+    token = "Xq9TokenZ3k7"
+    envelope = Envelope(
+        mail_from=f"{token}.sender@example.org",
+        rcpt_tos=(f"{token}.rcpt@example.net",),
+        received_at=1.0,
+        client_address="192.0.2.1",
+        helo=f"{token}.helo",
+    )
+    big_body = (f"{token} body line\r\n" * (CHUNK_SIZE // 10)).encode()
+    content = f"Subject: {token}\r\nFrom: <{token}@example.org>\r\n\r\n".encode() + big_body
+    qid = put(store, envelope, content)
+    assert_nowhere(store.root, token)
+    asyncio.run(store.write_state(qid, f'{{"rcpt": "{token}.rcpt@example.net"}}'.encode()))
+    assert_nowhere(store.root, token)
+    asyncio.run(store.quarantine(qid, "test"))
+    assert_nowhere(store.root, token)
+    assert len(files_under(store.root)) == 2
+
+
+# --- round trips ---
+
+
+def test_put_then_read(store: SpoolStore) -> None:
+    qid = put(store)
+    assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT)
+    assert store.queue_ids() == [qid]
+
+
+def test_large_message_round_trip(store: SpoolStore) -> None:
+    content = os.urandom(3 * CHUNK_SIZE + 11)
+    qid = put(store, content=content)
+    assert asyncio.run(store.read(qid)) == (ENVELOPE, content)
+
+
+def test_layout_and_modes(store: SpoolStore) -> None:
+    qid = put(store)
+    asyncio.run(store.write_state(qid, b"state"))
+    for name in ("", "msg", "state", "tmp", "quarantine"):
+        assert stat.S_IMODE((store.root / name).stat().st_mode) == 0o700
+    for path in (store.root / "msg" / qid, store.root / "state" / qid):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert names_in(store.root / "tmp") == []
+
+
+def test_ensure_dirs_tightens_existing_directories(tmp_path: Path, keyring: KeyRing) -> None:
+    root = tmp_path / "spool"
+    (root / "msg").mkdir(parents=True, mode=0o755)
+    (root / "msg").chmod(0o755)
+    SpoolStore(root, keyring).ensure_dirs()
+    assert stat.S_IMODE((root / "msg").stat().st_mode) == 0o700
+
+
+def test_default_queue_ids_are_random_and_name_safe(store: SpoolStore) -> None:
+    qids = {put(store) for _ in range(5)}
+    assert len(qids) == 5
+    assert all(re.fullmatch(r"[a-z2-7]{20}", qid) for qid in qids)
+    assert random_qid(lambda n: bytes(n)) == "a" * 20
+
+
+def test_an_existing_queue_id_is_never_overwritten(tmp_path: Path, keyring: KeyRing) -> None:
+    names = iter(["first", "first", "second"])
+    store = SpoolStore(tmp_path / "spool", keyring, new_qid=lambda: QueueId(next(names)))
+    store.ensure_dirs()
+    assert put(store) == "first"
+    assert put(store, content=b"other") == "second"
+    assert asyncio.run(store.read(QueueId("first")))[1] == CONTENT
+
+
+def test_state(store: SpoolStore) -> None:
+    qid = put(store)
+    assert asyncio.run(store.read_state(qid)) is None
+    asyncio.run(store.write_state(qid, b"one"))
+    asyncio.run(store.write_state(qid, b"two"))
+    assert asyncio.run(store.read_state(qid)) == b"two"
+    assert read_header((store.root / "state" / qid).read_bytes()).kind == RecordKind.STATE
+    assert names_in(store.root / "tmp") == []
+
+
+def test_remove_deletes_message_and_state(store: SpoolStore) -> None:
+    qid, other = put(store), put(store)
+    asyncio.run(store.write_state(qid, b"s"))
+    asyncio.run(store.remove(qid))
+    assert store.queue_ids() == [other]
+    assert names_in(store.root / "state") == []
+    asyncio.run(store.remove(qid))  # already gone: fine
+
+
+def test_queue_ids_oldest_first_and_only_queue_ids(store: SpoolStore) -> None:
+    qids = [put(store) for _ in range(3)]
+    for age, qid in zip((100, 300, 200), qids, strict=True):
+        os.utime(store.root / "msg" / qid, (1e9 - age, 1e9 - age))
+    (store.root / "msg" / ".hidden").write_bytes(b"")
+    (store.root / "msg" / "subdir").mkdir()
+    assert store.queue_ids() == [qids[1], qids[2], qids[0]]
+
+
+def test_queue_ids_before_the_spool_exists(tmp_path: Path, keyring: KeyRing) -> None:
+    store = SpoolStore(tmp_path / "nothing", keyring)
+    assert store.queue_ids() == []
+    assert store.key_references() == {}
+
+
+def test_reading_a_missing_message_is_an_error_not_corruption(store: SpoolStore) -> None:
+    with pytest.raises(SpoolError) as info:
+        asyncio.run(store.read(QueueId("missing")))
+    assert not isinstance(info.value, SpoolCorrupt)
+
+
+@pytest.mark.parametrize("qid", ["../keys", "a/b", "", ".", "x" * 65])
+def test_queue_ids_that_are_not_names_are_refused(store: SpoolStore, qid: str) -> None:
+    with pytest.raises(SpoolError, match="invalid queue id"):
+        asyncio.run(store.read(QueueId(qid)))
+    with pytest.raises(SpoolError, match="invalid queue id"):
+        asyncio.run(store.write_state(QueueId(qid), b""))
+
+
+# --- corruption and quarantine ---
+
+
+@pytest.mark.parametrize("where", [0, 30, -100, -1])
+def test_flipped_byte_is_corrupt_and_quarantined(store: SpoolStore, where: int) -> None:
+    qid = put(store)
+    asyncio.run(store.write_state(qid, b"state"))
+    path = store.root / "msg" / qid
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupt):
+        asyncio.run(store.read(qid))
+    asyncio.run(store.quarantine(qid, "failed authentication"))
+    assert store.queue_ids() == []
+    assert names_in(store.root / "msg") == []
+    assert names_in(store.root / "state") == []
+    assert names_in(store.root / "quarantine") == [f"{qid}.msg", f"{qid}.state"]
+    assert (store.root / "quarantine" / f"{qid}.msg").read_bytes() == bytes(data)
+
+
+def test_quarantine_without_state(store: SpoolStore) -> None:
+    qid = put(store)
+    asyncio.run(store.quarantine(qid, "test"))
+    assert names_in(store.root / "quarantine") == [f"{qid}.msg"]
+
+
+def test_message_file_under_another_queue_id_is_corrupt(store: SpoolStore) -> None:
+    qid = put(store)
+    other = QueueId("a" * 20)
+    os.link(store.root / "msg" / qid, store.root / "msg" / other)
+    with pytest.raises(SpoolCorrupt, match="another queue id"):
+        asyncio.run(store.read(other))
+
+
+def test_message_record_as_state_is_corrupt(store: SpoolStore) -> None:
+    qid = put(store)
+    os.link(store.root / "msg" / qid, store.root / "state" / qid)
+    with pytest.raises(SpoolCorrupt, match="kind"):
+        asyncio.run(store.read_state(qid))
+
+
+def test_truncated_message_file_is_corrupt(store: SpoolStore) -> None:
+    qid = put(store, content=os.urandom(CHUNK_SIZE + 5))
+    path = store.root / "msg" / qid
+    path.write_bytes(path.read_bytes()[: -(5 + 16)])  # drop exactly the last chunk
+    with pytest.raises(SpoolCorrupt):
+        asyncio.run(store.read(qid))
+
+
+# --- keys ---
+
+
+def test_old_records_still_read_after_rotate(store: SpoolStore, keyring: KeyRing) -> None:
+    old_key = keyring.active_id
+    qid = put(store)
+    asyncio.run(store.write_state(qid, b"old state"))
+    keyring.rotate()
+    assert read_header((store.root / "msg" / qid).read_bytes()).key_id == old_key
+    assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT)
+    assert asyncio.run(store.read_state(qid)) == b"old state"
+    new_qid = put(store)
+    assert read_header((store.root / "msg" / new_qid).read_bytes()).key_id == keyring.active_id
+
+
+def test_key_references(store: SpoolStore, keyring: KeyRing) -> None:
+    old = keyring.active_id
+    first, second = put(store), put(store)
+    new = keyring.rotate()
+    third = put(store)
+    asyncio.run(store.write_state(first, b"s"))  # sealed under the new key
+    asyncio.run(store.quarantine(second, "test"))  # still counted: it may be inspected
+    (store.root / "msg" / ("b" * 20)).write_bytes(b"garbage")  # unreadable: no reference
+    assert store.key_references() == {old: 2, new: 2}
+    assert keyring.prune(store.key_references()) == []
+    asyncio.run(store.remove(first))
+    (store.root / "quarantine" / f"{second}.msg").unlink()
+    assert store.key_references() == {new: 1}
+    assert keyring.prune(store.key_references()) == [old]
+    assert asyncio.run(store.read(third)) == (ENVELOPE, CONTENT)
+
+
+def test_record_under_an_unknown_key_is_corrupt(store: SpoolStore) -> None:
+    qid = QueueId("c" * 20)
+    record = seal(
+        b"", kind=RecordKind.STATE, qid=qid, key_id="gone", kek=bytes(32), random=os.urandom
+    )
+    (store.root / "state" / qid).write_bytes(record)
+    with pytest.raises(SpoolCorrupt, match="unknown key id"):
+        asyncio.run(store.read_state(qid))
+
+
+# --- durability and failures ---
+
+
+def test_put_is_durable_before_it_returns_and_runs_off_the_loop(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    threads: set[int] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        threads.add(threading.get_ident())
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(("fsync", kind))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("replace", Path(dst).parent.name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    put(store)
+    assert events == [("fsync", "file"), ("replace", "msg"), ("fsync", "dir")]
+    assert threading.get_ident() not in threads
+
+
+def failing_on_call(real: Callable[..., object], nth: int) -> Callable[..., object]:
+    """``real``, except that its ``nth`` call fails as a full disk does."""
+    calls = 0
+
+    def flaky(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    return flaky
+
+
+@pytest.mark.parametrize(
+    ("name", "nth"),
+    [("write", 1), ("fsync", 1), ("replace", 1), ("fsync", 2)],
+    ids=["write", "fsync-file", "rename", "fsync-dir"],
+)
+def test_failed_put_raises_and_leaves_no_file(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch, name: str, nth: int
+) -> None:
+    monkeypatch.setattr(os, name, failing_on_call(getattr(os, name), nth))
+    with pytest.raises(SpoolError, match="No space left on device") as info:
+        put(store)
+    monkeypatch.undo()
+    assert not isinstance(info.value, SpoolCorrupt)
+    assert (info.value.reply.code, info.value.reply.enhanced) == (452, "4.3.1")
+    assert names_in(store.root / "tmp") == []
+    assert names_in(store.root / "msg") == []
+    qid = put(store)  # and the spool works again once there is room
+    assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT)
+
+
+def test_failed_state_write_keeps_the_old_state(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qid = put(store)
+    asyncio.run(store.write_state(qid, b"old"))
+    monkeypatch.setattr(os, "write", failing_on_call(os.write, 1))
+    with pytest.raises(SpoolError, match="No space left on device"):
+        asyncio.run(store.write_state(qid, b"new"))
+    monkeypatch.undo()
+    assert asyncio.run(store.read_state(qid)) == b"old"
+    assert names_in(store.root / "tmp") == []
+
+
+def test_sweep_tmp_removes_leftovers_and_orphan_states(store: SpoolStore) -> None:
+    kept = put(store)
+    asyncio.run(store.write_state(kept, b"s"))
+    orphan = put(store)
+    asyncio.run(store.write_state(orphan, b"s"))
+    (store.root / "msg" / orphan).unlink()  # as if a crash hit remove() between the files
+    (store.root / "tmp" / f"{kept}.abc").write_bytes(b"half written")
+    store.sweep_tmp()
+    assert names_in(store.root / "tmp") == []
+    assert names_in(store.root / "state") == [kept]
+    assert store.queue_ids() == [kept]
