@@ -18,6 +18,9 @@ from pathlib import Path
 from mta import __version__, config, control
 from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
+from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
+from mta.receive.auth import add_user
+from mta.spool.keys import KeyRing
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -33,26 +36,25 @@ def _load(args: argparse.Namespace) -> config.Config:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     setup_logging(cfg.log.level, cfg.log.format)
-    from mta import app
+    from mta import app  # imported here: it pulls in the event loop and every I/O module
 
     app.run(cfg)
     return EXIT_OK
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    from mta.queueview import list_queue
-
     cfg = _load(args)
-    entries = asyncio.run(list_queue(cfg, now=time.time()))
+    now = time.time()
+    entries = asyncio.run(list_queue(cfg, now=now))
     if args.json:
-        print(json.dumps([entry.as_dict() for entry in entries], indent=2))
+        print(json.dumps([entry_dict(entry) for entry in entries], indent=2))
         return EXIT_OK
     if not entries:
         print("Mail queue is empty")
         return EXIT_OK
     print(f"{'QUEUE ID':<22} {'AGE':>7}  {'NEXT':>7}  DOMAINS / LAST ERROR")
     for entry in entries:
-        print(entry.as_line())
+        print(entry_line(entry, now))
     print(f"-- {len(entries)} message(s)")
     return EXIT_OK
 
@@ -61,8 +63,6 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     cfg = _load(args)
     answer = control.ask(cfg.control_socket, "flush")
     if answer is None:
-        from mta.queueview import flush_offline
-
         count = asyncio.run(flush_offline(cfg, now=time.time()))
         print(f"relay not running; {count} message(s) marked due now for its next start")
         return EXIT_OK
@@ -74,9 +74,6 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from mta.queueview import key_usage
-    from mta.spool.keys import KeyRing
-
     cfg = _load(args)
     keyring = KeyRing.load(cfg.spool.key_file)
     if args.action == "rotate":
@@ -97,8 +94,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from mta.receive.auth import add_user
-
     cfg = _load(args)
     path = Path(args.file) if args.file else cfg.auth.password_file
     if path is None:

@@ -1,0 +1,101 @@
+"""``mta queue list|flush`` and ``mta keys list`` read the spool directly, relay running or not.
+
+Like ``mailq``, listing needs no running relay: it opens the sealed state records with
+the key file (a message never attempted has no state yet; its envelope is read instead).
+Only domains are shown, never addresses. Offline flush rewrites states as due now.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mta.config import Config
+from mta.errors import SpoolCorrupt
+from mta.model import QueueId
+from mta.schedule.state import (
+    MessageState,
+    QueueEntry,
+    decode_state,
+    encode_state,
+    initial_state,
+    queue_entry,
+)
+from mta.spool.keys import KeyRing
+from mta.spool.store import SpoolDirectory, SpoolStore
+
+
+def _store(config: Config) -> SpoolStore:
+    return SpoolStore(config.spool.path, KeyRing.load(config.spool.key_file))
+
+
+async def _state(store: SpoolStore, qid: QueueId) -> MessageState | None:
+    """The message's state, or ``None`` when it vanished (delivered) or is corrupt."""
+    try:
+        data = await store.read_state(qid)
+        if data is not None:
+            return decode_state(data)
+        envelope, _ = await store.read(qid)
+    except (SpoolCorrupt, FileNotFoundError):
+        return None
+    return initial_state(envelope)
+
+
+async def list_queue(config: Config, now: float) -> list[QueueEntry]:
+    """Every queued message, oldest first."""
+    store = _store(config)
+    entries = []
+    for qid in store.queue_ids():
+        state = await _state(store, qid)
+        if state is not None:
+            entries.append(queue_entry(qid, state, now))
+    return entries
+
+
+async def flush_offline(config: Config, now: float) -> int:
+    """Make every pending recipient due now, for a relay that is not running."""
+    store = _store(config)
+    count = 0
+    for qid in store.queue_ids():
+        state = await _state(store, qid)
+        if state is not None and state.pending:
+            await store.write_state(qid, encode_state(state.flush(now)))
+            count += 1
+    return count
+
+
+def key_usage(config: Config) -> dict[str, int]:
+    """Key id -> spool records sealed under it (headers only; no key needed)."""
+    return SpoolDirectory(config.spool.path).key_references()
+
+
+def _when(moment: float | None, now: float) -> str:
+    if moment is None:
+        return "-"
+    return "now" if moment <= now else _span(moment - now)
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def entry_dict(entry: QueueEntry) -> dict[str, Any]:
+    """The JSON form: times as seconds (age) and epoch seconds (next attempt)."""
+    return {
+        "qid": entry.qid,
+        "age": round(entry.age, 1),
+        "domains": list(entry.domains),
+        "next_attempt": entry.next_attempt,
+        "last_error": entry.last_error,
+    }
+
+
+def entry_line(entry: QueueEntry, now: float | None = None) -> str:
+    """One ``mailq``-style line: qid, age, next attempt in, domains, last error."""
+    now = time.time() if now is None else now
+    line = f"{entry.qid:<22} {_span(entry.age):>7}  {_when(entry.next_attempt, now):>7}  "
+    line += ",".join(entry.domains)
+    return line + (f"  ({entry.last_error})" if entry.last_error else "")
