@@ -1,0 +1,314 @@
+"""The SMTP session policy: aiosmtpd hooks that decide each reply, and hand mail to the spool.
+
+``RelayHandler`` answers EHLO (adding PIPELINING and ENHANCEDSTATUSCODES), MAIL, RCPT
+and DATA. It never delivers anything: a message that passes every check goes to
+``accept`` (store durably, then schedule), and only after that returns does the
+client get ``250``.
+
+- RCPT is relay control. A client in ``relay.networks``, or one that authenticated,
+  may send anywhere; anyone else only to ``relay.local_domains``, and never through
+  sender-specified routing (``user%other@local``, ``@a:b@local``, ``a!b@local``,
+  ``"a@b"@local``), which gets ``554 5.7.1``. Broken syntax is ``501 5.1.3`` for all.
+- DATA with a bare CR or LF (outside CRLF) is refused with ``550 5.5.2``: aiosmtpd
+  passes them through, and a downstream server that takes ``<LF>.<LF>`` as the end of
+  data could be fed a second, smuggled message (SMTP smuggling, CVE-2023-51764).
+- Accepted mail gets a Postfix-style ``Received:`` header with the TLS protocol and
+  cipher, or ``(no TLS)``. It carries no ``id``: the queue id exists only once the
+  spool has stored the message, and the header is part of what it stores.
+- ``accept`` raising ``SpoolError`` is ``452 4.3.1``; any other error ``451 4.3.0``.
+  The session carries on either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import ipaddress
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from mta.clock import Clock, SystemClock
+from mta.config import Config, ListenerConfig
+from mta.errors import SpoolError
+from mta.log import redact
+from mta.model import Envelope, QueueId
+from mta.receive.addresses import (
+    AddressError,
+    MailPath,
+    is_local,
+    parse_path,
+    path_argument,
+    relay_tricks,
+)
+from mta.reply import (
+    S250_RCPT_OK,
+    S250_SENDER_OK,
+    S451_LOCAL_ERROR,
+    S452_SPOOL_FULL,
+    S452_TOO_MANY_RCPTS,
+    S501_BAD_ADDRESS,
+    S550_BARE_LINE_ENDING,
+    S554_RELAY_DENIED,
+    SmtpReply,
+)
+
+log = logging.getLogger(__name__)
+
+Accept = Callable[[Envelope, bytes], Awaitable[QueueId]]
+"""Store a message durably and schedule it; return its queue id (``SpoolError`` if full)."""
+
+S501_BAD_SENDER: Final = SmtpReply(501, "5.1.7", "Bad sender address syntax")
+
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+_EXTRA_EHLO: Final = ("PIPELINING", "ENHANCEDSTATUSCODES")
+
+
+def has_bare_line_ending(data: bytes) -> bool:
+    """Whether ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
+    return _BARE_CR_OR_LF.search(data) is not None
+
+
+def client_ip(session: Session) -> str:
+    """The peer's IP address as text (IPv4-mapped IPv6 shown as IPv4); ``""`` if unknown."""
+    peer = session.peer
+    if not isinstance(peer, tuple) or not peer:
+        return ""
+    try:
+        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def tls_object(server: SMTP, session: Session) -> ssl.SSLObject | ssl.SSLSocket | None:
+    """The TLS state of the connection: after STARTTLS, or on an implicit-TLS listener."""
+    if session.ssl:
+        found = session.ssl.get("ssl_object")
+    else:
+        transport = server.transport
+        found = transport.get_extra_info("ssl_object") if transport is not None else None
+    return found if isinstance(found, ssl.SSLObject | ssl.SSLSocket) else None
+
+
+def tls_comment(tls: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """``(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))`` or ``(no TLS)``."""
+    cipher = tls.cipher() if tls is not None else None
+    if tls is None or cipher is None:
+        return "(no TLS)"
+    name, _protocol, bits = cipher
+    return f"(using {tls.version()} with cipher {name} ({bits}/{bits} bits))"
+
+
+def received_header(
+    *,
+    helo: str,
+    ip: str,
+    hostname: str,
+    protocol: str,
+    tls: str,
+    now: float,
+) -> bytes:
+    """A ``Received:`` trace field (RFC 5321 §4.4), folded as Postfix folds it.
+
+    Parameters:
+        helo: the name the client gave in HELO/EHLO (unsafe characters replaced).
+        ip: the client's address; written as an address literal.
+        hostname: our name.
+        protocol: ``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA`` or ``ESMTPSA`` (RFC 3848).
+        tls: ``tls_comment(...)``.
+        now: seconds since the epoch.
+    """
+    name = _HELO_UNSAFE.sub("?", helo)[:255] or "unknown"
+    literal = ""
+    if ip:
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    when = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
+    lines = [
+        f"Received: from {name} ({literal or 'unknown'})",
+        f"\t{tls}",
+        f"\tby {hostname} (mta) with {protocol};",
+        f"\t{when}",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def with_protocol(session: Session, tls: bool) -> str:
+    """The RFC 3848 ``with`` keyword for this session."""
+    if not session.extended_smtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if session.authenticated else "")
+
+
+class RelayHandler:
+    """aiosmtpd handler for one listener.
+
+    Parameters:
+        config: the whole configuration (relay networks, local domains, limits).
+        listener: the listener this handler serves.
+        accept: stores a message durably and schedules it; returns its queue id.
+        hostname: our name, for the ``Received:`` header.
+        clock: wall-clock time for ``Received:`` and the envelope (default: system).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listener: ListenerConfig,
+        accept: Accept,
+        hostname: str,
+        *,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.accept = accept
+        self.hostname = hostname
+        self.clock: Clock = clock or SystemClock()
+
+    # --- hooks (aiosmtpd calls these by name) ---
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Add our extensions; drop an ``AUTH`` line that lists no mechanism."""
+        session.host_name = hostname
+        greeting, *extensions = (line[4:] for line in responses)
+        keep = [ext for ext in extensions if ext.strip() != "AUTH" and ext not in _EXTRA_EHLO]
+        keep[-1:-1] = list(_EXTRA_EHLO)  # before the closing HELP
+        lines = [greeting, *keep]
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        try:
+            parse_path(address, allow_null=True)
+        except AddressError:
+            return str(S501_BAD_SENDER)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(S250_SENDER_OK)
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        # aiosmtpd strips a source route before we see ``address``; the raw argument
+        # (kept by server.RelaySMTP) still shows it, and a route is a relay trick.
+        raw = getattr(server, "rcpt_argument", None)
+        try:
+            path = parse_path(path_argument(raw, "TO:") if isinstance(raw, str) else address)
+        except AddressError:
+            return str(S501_BAD_ADDRESS)
+        if len(envelope.rcpt_tos) >= self.config.limits.recipients:
+            return str(S452_TOO_MANY_RCPTS)
+        denied = self._relay_denied(session, path)
+        if denied:
+            log.info(
+                "receive.relay_denied",
+                extra={"client": client_ip(session), "rcpt": redact(path.address), "why": denied},
+            )
+            return str(S554_RELAY_DENIED)
+        envelope.rcpt_tos.append(path.address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(S250_RCPT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        raw = envelope.original_content
+        if not isinstance(raw, bytes):
+            raw = bytes(raw or b"")
+        ip = client_ip(session)
+        if has_bare_line_ending(raw):
+            log.warning("receive.bare_line_ending", extra={"client": ip, "size": len(raw)})
+            return str(S550_BARE_LINE_ENDING)
+        tls = tls_object(server, session)
+        now = self.clock.now()
+        header = received_header(
+            helo=session.host_name or "",
+            ip=ip,
+            hostname=self.hostname,
+            protocol=with_protocol(session, tls is not None),
+            tls=tls_comment(tls),
+            now=now,
+        )
+        mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        message = Envelope(
+            mail_from=mail_from,
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            received_at=now,
+            client_address=ip,
+            helo=session.host_name or "",
+            smtputf8=bool(envelope.smtp_utf8),
+            body_8bit="BODY=8BITMIME" in envelope.mail_options,
+        )
+        content = header + raw
+        facts: dict[str, Any] = {
+            "client": ip,
+            "sender": redact(mail_from),
+            "rcpts": len(message.rcpt_tos),
+            "size": len(content),
+            "tls": tls.version() if tls is not None else "none",
+        }
+        try:
+            qid = await self.accept(message, content)
+        except SpoolError as err:
+            log.error("receive.spool_failed", extra={**facts, "error": type(err).__name__})
+            return str(S452_SPOOL_FULL)
+        except Exception:
+            log.exception("receive.accept_failed", extra=facts)
+            return str(S451_LOCAL_ERROR)
+        log.info("receive.accepted", extra={"qid": qid, **facts})
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any other error in a hook: log it, answer 451, keep the session."""
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__ or error
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            log.info("receive.tls_failed", extra={"reason": reason})
+        else:
+            log.error("receive.session_error", exc_info=error)
+        return str(S451_LOCAL_ERROR)
+
+    # --- relay control ---
+
+    def _relay_denied(self, session: Session, path: MailPath) -> str | None:
+        """Why this recipient may not be accepted from this client; None when it may."""
+        if session.authenticated or self._trusted_network(session):
+            return None
+        tricks = relay_tricks(path)
+        if tricks:
+            return ",".join(tricks)
+        if not is_local(path.domain, self.config.relay.local_domains):
+            return "not-local"
+        return None
+
+    def _trusted_network(self, session: Session) -> bool:
+        ip = client_ip(session)
+        if not ip:
+            return False
+        address = ipaddress.ip_address(ip)
+        return any(address in network for network in self.config.relay.networks)

@@ -1,0 +1,726 @@
+"""The inbound listeners over real sockets on 127.0.0.0/8 (mta/receive/).
+
+Each test starts ``start_listeners`` on its own event loop in a thread and talks to it
+with ``smtplib`` (or raw bytes where a well-behaved client would not send them). The
+``accept`` callable is a recorder: it keeps envelopes and returns fake queue ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import smtplib
+import socket
+import ssl
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mta.config import Config, parse_text
+from mta.errors import ConfigError, SpoolError
+from mta.model import Envelope, QueueId
+from mta.receive.auth import PasswordFile, add_user
+from mta.receive.server import Authenticator, start_listeners
+from mta.receive.tls import server_context
+
+HOST = "127.0.0.1"
+TRUSTED = "127.0.0.2"  # the only relay.networks entry in these tests
+TIMEOUT = 10.0
+USER, PASSWORD = "alice", "correct horse battery"
+
+
+class Recorder:
+    """A fake ``accept``: records what it is given, or raises ``fail``."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[Envelope, bytes]] = []
+        self.attempts = 0
+
+    async def __call__(self, envelope: Envelope, content: bytes) -> QueueId:
+        self.attempts += 1
+        if self.fail is not None:
+            raise self.fail
+        self.calls.append((envelope, content))
+        return QueueId(f"Q{len(self.calls):04d}")
+
+
+class Relay:
+    """``start_listeners`` running on an event loop in a background thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        accept: Recorder,
+        context: ssl.SSLContext,
+        authenticator: Authenticator | None,
+    ) -> None:
+        self.config, self.accept, self.context = config, accept, context
+        self.authenticator = authenticator
+        self.ports: list[int] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            servers = await start_listeners(
+                self.config, self.accept, lambda _l: self.context, self.authenticator, "mx.test"
+            )
+        except BaseException as err:
+            self._error = err
+            self._ready.set()
+            return
+        self.ports = [server.sockets[0].getsockname()[1] for server in servers]
+        self._ready.set()
+        await self._stop.wait()
+        for server in servers:
+            server.close()
+        for server in servers:
+            await server.wait_closed()
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "listeners did not start"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), "listeners did not stop"
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def client(self, source: str = HOST) -> smtplib.SMTP:
+        return smtplib.SMTP(
+            HOST,
+            self.port,
+            local_hostname="client.test",
+            timeout=TIMEOUT,
+            source_address=(source, 0),
+        )
+
+
+def make_config(
+    home: Path,
+    *,
+    listener: str = 'mode = "relay"',
+    auth: bool = True,
+    limits: str = "",
+) -> Config:
+    """A test policy; listener ports are set to 0 (the OS picks) after validation."""
+    text = f"""
+hostname = "mx.test"
+[[listener]]
+address = "{HOST}"
+{listener}
+[relay]
+networks = ["{TRUSTED}/32"]
+local_domains = ["local.test"]
+[limits]
+message_size = "64k"
+{limits}
+"""
+    if auth:
+        text += '[auth]\npassword_file = "passwd"\n'
+    config = parse_text(text, "test.toml", home)
+    ports0 = tuple(dataclasses.replace(lc, port=0) for lc in config.listeners)
+    return dataclasses.replace(config, listeners=ports0)
+
+
+@pytest.fixture(scope="module")
+def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    directory = tmp_path_factory.mktemp("server-tls")
+    issued = tls_ca.issue_cert(HOST, "mx.test")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    for index, blob in enumerate(issued.cert_chain_pems):
+        blob.write_to_path(str(cert), append=index > 0)
+    return server_context(cert, key)
+
+
+@pytest.fixture
+def client_tls(ca_file: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+@pytest.fixture(scope="module")
+def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
+    path = tmp_path_factory.mktemp("auth") / "passwd"
+    add_user(path, USER, PASSWORD)
+    return PasswordFile.load(path)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def relay(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, passwords: PasswordFile
+) -> Iterator[Relay]:
+    with Relay(make_config(tmp_path), recorder, server_tls, passwords.authenticator) as running:
+        yield running
+
+
+def ehlo_keywords(smtp: smtplib.SMTP) -> set[str]:
+    code, _ = smtp.ehlo()
+    assert code == 250
+    return {name.upper() for name in smtp.esmtp_features}
+
+
+def reply(smtp: smtplib.SMTP, command: str) -> str:
+    code, text = smtp.docmd(command)
+    return f"{code} {text.decode()}"
+
+
+def send_data(smtp: smtplib.SMTP, payload: bytes) -> str:
+    """DATA with ``payload`` sent exactly as given (it must end with CRLF.CRLF)."""
+    code, text = smtp.docmd("DATA")
+    assert code == 354, text
+    smtp.send(payload)
+    code, text = smtp.getreply()
+    return f"{code} {text.decode()}"
+
+
+MESSAGE = b"From: a@example.test\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+# --- EHLO, STARTTLS, AUTH ---
+
+
+def test_ehlo_before_and_after_starttls(relay: Relay, client_tls: ssl.SSLContext) -> None:
+    with relay.client() as smtp:
+        before = ehlo_keywords(smtp)
+        assert {"STARTTLS", "SIZE", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"} <= before
+        assert "AUTH" not in before
+        assert smtp.esmtp_features["size"] == str(64 * 1024)
+        smtp.starttls(context=client_tls)
+        after = ehlo_keywords(smtp)
+        assert "STARTTLS" not in after
+        assert {"PIPELINING", "ENHANCEDSTATUSCODES"} <= after
+        assert smtp.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+        assert reply(smtp, "STARTTLS").startswith("503 5.5.1")
+
+
+def test_banner_names_host(relay: Relay) -> None:
+    with socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock:
+        assert sock.recv(512).startswith(b"220 mx.test ESMTP mta")
+
+
+def test_auth_before_starttls_refused(relay: Relay) -> None:
+    blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+    with relay.client() as smtp:
+        smtp.ehlo()
+        code, _ = smtp.docmd("AUTH", f"PLAIN {blob}")
+        assert 500 <= code < 600
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250")
+        assert reply(smtp, "RCPT TO:<b@other.test>").startswith("554 5.7.1")
+
+
+def test_auth_after_starttls(relay: Relay, client_tls: ssl.SSLContext) -> None:
+    with relay.client() as smtp:
+        smtp.starttls(context=client_tls)
+        smtp.ehlo()
+        with pytest.raises(smtplib.SMTPAuthenticationError) as caught:
+            smtp.login(USER, "wrong password")
+        assert caught.value.smtp_code == 535
+        code, text = smtp.login(USER, PASSWORD)
+        assert code == 235, text
+
+
+def test_auth_login_mechanism(relay: Relay, client_tls: ssl.SSLContext) -> None:
+    with relay.client() as smtp:
+        smtp.starttls(context=client_tls)
+        smtp.ehlo()
+        smtp.user, smtp.password = USER, PASSWORD
+        code, _ = smtp.auth("LOGIN", smtp.auth_login)
+        assert code == 235
+
+
+def test_password_check_runs_off_the_event_loop(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+    passwords: PasswordFile,
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def checking(*args: object) -> object:
+        threads.append(threading.current_thread())
+        return passwords.authenticator(*args)  # type: ignore[arg-type]
+
+    with Relay(make_config(tmp_path), recorder, server_tls, checking) as relay:
+        with relay.client() as smtp:
+            smtp.starttls(context=client_tls)
+            smtp.ehlo()
+            assert smtp.login(USER, PASSWORD)[0] == 235
+        loop_thread = relay._thread
+    assert len(threads) == 1
+    assert threads[0] is not loop_thread
+    assert threads[0] is not threading.current_thread()
+
+
+def test_no_auth_without_password_file(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    with (
+        Relay(make_config(tmp_path, auth=False), recorder, server_tls, None) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.starttls(context=client_tls)
+        assert "AUTH" not in ehlo_keywords(smtp)
+        blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+        code, _ = smtp.docmd("AUTH", f"PLAIN {blob}")
+        assert code == 504
+
+
+# --- relay control ---
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "<user@other.test>",
+        "<user%other.test@local.test>",
+        "<other.test!user@local.test>",
+        "<@other.test:user@local.test>",
+        '<"user@other.test"@local.test>',
+        '<"user%other.test"@local.test>',
+        "<user@[192.0.2.1]>",
+    ],
+)
+def test_relay_denied_outside_networks(relay: Relay, rcpt: str) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250 2.1.0")
+        assert reply(smtp, f"RCPT TO:{rcpt}") == "554 5.7.1 Relay access denied"
+
+
+def test_local_domain_accepted_from_anyone(relay: Relay, recorder: Recorder) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250 2.1.0")
+        assert reply(smtp, "RCPT TO:<User@Local.Test>").startswith("250 2.1.5")
+        assert reply(smtp, "RCPT TO:<other@other.test>").startswith("554 5.7.1")
+        assert send_data(smtp, MESSAGE) == "250 2.0.0 Ok: queued as Q0001"
+    envelope, _ = recorder.calls[0]
+    assert envelope.rcpt_tos == ("User@local.test",)
+
+
+@pytest.mark.parametrize("rcpt", ["<a..b@local.test>", "<user@-bad.test>", "<@x:user>", "<a@b@c>"])
+@pytest.mark.parametrize("source", [HOST, TRUSTED])
+def test_broken_syntax_is_501_for_everyone(relay: Relay, source: str, rcpt: str) -> None:
+    with relay.client(source) as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        assert reply(smtp, f"RCPT TO:{rcpt}").startswith("501 5.1.3")
+
+
+def test_trusted_network_relays_anywhere(relay: Relay, recorder: Recorder) -> None:
+    with relay.client(TRUSTED) as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<>")
+        assert reply(smtp, "RCPT TO:<user@other.test>").startswith("250 2.1.5")
+        assert reply(smtp, "RCPT TO:<@hop.test:user2@other.test>").startswith("250 2.1.5")
+        assert send_data(smtp, MESSAGE).startswith("250 2.0.0")
+    envelope, _ = recorder.calls[0]
+    assert envelope.mail_from == ""
+    assert envelope.rcpt_tos == ("user@other.test", "user2@other.test")
+    assert envelope.client_address == TRUSTED
+
+
+def test_authenticated_client_relays_anywhere(
+    relay: Relay, recorder: Recorder, client_tls: ssl.SSLContext
+) -> None:
+    with relay.client() as smtp:
+        smtp.starttls(context=client_tls)
+        smtp.ehlo()
+        smtp.login(USER, PASSWORD)
+        assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+    assert recorder.calls[0][0].rcpt_tos == ("b@other.test",)
+    assert b"with ESMTPSA;" in recorder.calls[0][1]
+
+
+def test_recipient_limit(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, passwords: PasswordFile
+) -> None:
+    config = make_config(tmp_path, limits="recipients = 2")
+    with (
+        Relay(config, recorder, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        assert reply(smtp, "RCPT TO:<a@local.test>").startswith("250")
+        assert reply(smtp, "RCPT TO:<b@local.test>").startswith("250")
+        assert reply(smtp, "RCPT TO:<c@local.test>").startswith("452 4.5.3")
+        assert send_data(smtp, MESSAGE).startswith("250 2.0.0")
+    assert recorder.calls[0][0].rcpt_tos == ("a@local.test", "b@local.test")
+
+
+# --- listener modes ---
+
+
+def test_require_tls_refuses_mail_before_starttls(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+    passwords: PasswordFile,
+) -> None:
+    config = make_config(tmp_path, listener='mode = "relay"\nrequire_tls = true')
+    with (
+        Relay(config, recorder, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("530 5.7.0")
+        smtp.starttls(context=client_tls)
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250 2.1.0")
+
+
+def test_submission_requires_tls_and_auth(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+    passwords: PasswordFile,
+) -> None:
+    config = make_config(tmp_path, listener='mode = "submission"')
+    with (
+        Relay(config, recorder, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("530 5.7.0")
+        blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+        code, _ = smtp.docmd("AUTH", f"PLAIN {blob}")
+        assert 500 <= code < 600
+        smtp.starttls(context=client_tls)
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test>") == ("530 5.7.0 Authentication required")
+        smtp.login(USER, PASSWORD)
+        assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+    assert len(recorder.calls) == 1
+
+
+def test_submission_without_authenticator_refuses_to_start(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext
+) -> None:
+    config = make_config(tmp_path, listener='mode = "submission"')
+    with (
+        pytest.raises(ConfigError, match=r"auth\.password_file"),
+        Relay(config, recorder, server_tls, None),
+    ):
+        pass
+
+
+def test_smtps_implicit_tls(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+    passwords: PasswordFile,
+) -> None:
+    config = make_config(tmp_path, listener='mode = "smtps"')
+    with Relay(config, recorder, server_tls, passwords.authenticator) as relay:
+        with smtplib.SMTP_SSL(
+            HOST, relay.port, local_hostname="client.test", timeout=TIMEOUT, context=client_tls
+        ) as smtp:
+            features = ehlo_keywords(smtp)
+            assert "STARTTLS" not in features
+            assert "AUTH" in features
+            assert reply(smtp, "STARTTLS").startswith("503 5.5.1")
+            smtp.login(USER, PASSWORD)
+            assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+        # a plaintext client gets no SMTP greeting from an implicit-TLS port
+        with socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"EHLO client.test\r\n")
+            assert not sock.recv(512).startswith(b"220")
+    content = recorder.calls[0][1]
+    assert b"(using TLSv1.3 with cipher " in content
+    assert b"with ESMTPSA;" in content
+
+
+# --- the TLS floor ---
+
+
+def test_tls_1_1_refused(relay: Relay, ca_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mta")
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(cafile=str(ca_file))
+    with warnings.catch_warnings():  # the deprecation is the point of the test
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1_1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer TLS 1.1 at all
+    smtp = relay.client()
+    try:
+        smtp.ehlo()
+        with pytest.raises(ssl.SSLError):
+            smtp.starttls(context=old)
+    finally:
+        smtp.close()
+    # The server's own log shows that it, not the client, refused the handshake.
+    record = _wait_for_record(caplog, "receive.tls_failed")
+    assert vars(record)["reason"] == "UNSUPPORTED_PROTOCOL"
+
+
+def test_non_forward_secret_suite_refused(
+    relay: Relay, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mta")
+    static_rsa = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    static_rsa.load_verify_locations(cafile=str(ca_file))
+    static_rsa.maximum_version = ssl.TLSVersion.TLSv1_2
+    static_rsa.set_ciphers("AES128-GCM-SHA256")
+    smtp = relay.client()
+    try:
+        smtp.ehlo()
+        with pytest.raises(ssl.SSLError):
+            smtp.starttls(context=static_rsa)
+    finally:
+        smtp.close()
+    # The server's own log shows that it, not the client, refused the handshake.
+    record = _wait_for_record(caplog, "receive.tls_failed")
+    assert vars(record)["reason"] == "NO_SHARED_CIPHER"
+
+
+def test_tls_1_2_forward_secret_accepted(relay: Relay, recorder: Recorder, ca_file: Path) -> None:
+    tls12 = ssl.create_default_context(cafile=str(ca_file))
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with relay.client() as smtp:
+        smtp.starttls(context=tls12)
+        assert smtp.sendmail("a@example.test", ["b@local.test"], MESSAGE[:-3]) == {}
+    content = recorder.calls[0][1]
+    assert b"(using TLSv1.2 with cipher ECDHE-" in content
+
+
+def _wait_for_record(caplog: pytest.LogCaptureFixture, event: str) -> logging.LogRecord:
+    """The server logs on its own thread: wait (bounded) for the record to arrive."""
+    pause = threading.Event()
+    for _ in range(100):
+        for record in caplog.records:
+            if record.getMessage() == event:
+                return record
+        pause.wait(0.05)
+    raise AssertionError(f"no {event} record")
+
+
+# --- DATA ---
+
+
+def test_size_too_big_at_mail(relay: Relay) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@example.test> SIZE=100000").startswith("552 5.3.4")
+        assert reply(smtp, "MAIL FROM:<a@example.test> SIZE=1000").startswith("250")
+
+
+def test_size_too_big_in_data(relay: Relay, recorder: Recorder) -> None:
+    line = b"x" * 98 + b"\r\n"
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, b"Subject: big\r\n\r\n" + line * 700 + b".\r\n").startswith(
+            "552 5.3.4"
+        )
+    assert recorder.attempts == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"Subject: x\r\n\r\nline one\nline two\r\n.\r\n",
+        b"Subject: x\r\n\r\nline one\rline two\r\n.\r\n",
+        # SMTP smuggling: <LF>.<CR><LF> then a second transaction inside the first
+        b"Subject: x\r\n\r\nhi\n.\r\nMAIL FROM:<evil@other.test>\r\nRCPT TO:<v@local.test>\r\n"
+        b"DATA\r\nSubject: smuggled\r\n\r\nboo\r\n.\r\n",
+        b"Subject: x\r\n\r\nhi\r\n.\nMAIL FROM:<evil@other.test>\r\n.\r\n",
+    ],
+)
+def test_bare_line_endings_refused(relay: Relay, recorder: Recorder, payload: bytes) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, payload).startswith("550 5.5.2")
+        assert reply(smtp, "NOOP") == "250 2.0.0 OK"
+    assert recorder.attempts == 0
+
+
+def test_received_header_without_tls(relay: Relay, recorder: Recorder) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test> BODY=8BITMIME")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, MESSAGE) == "250 2.0.0 Ok: queued as Q0001"
+    envelope, content = recorder.calls[0]
+    header, _, rest = content.partition(b"\r\nFrom: a@example.test\r\n")
+    assert header.startswith(b"Received: from client.test ([127.0.0.1])\r\n\t(no TLS)\r\n")
+    assert b"\tby mx.test (mta) with ESMTP;\r\n\t" in header
+    assert rest == b"Subject: hi\r\n\r\nhello\r\n"
+    assert envelope.mail_from == "a@example.test"
+    assert envelope.helo == "client.test"
+    assert envelope.body_8bit
+    assert envelope.client_address == HOST
+
+
+def test_received_header_after_starttls(
+    relay: Relay, recorder: Recorder, client_tls: ssl.SSLContext
+) -> None:
+    with relay.client() as smtp:
+        smtp.starttls(context=client_tls)
+        assert smtp.sendmail("a@example.test", ["b@local.test"], MESSAGE[:-3]) == {}
+        tls = smtp.sock
+        assert isinstance(tls, ssl.SSLSocket)
+        version, cipher = tls.version(), tls.cipher()
+    assert version == "TLSv1.3"
+    assert cipher is not None
+    content = recorder.calls[0][1]
+    expected = f"(using TLSv1.3 with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits))"
+    assert content.startswith(b"Received: from client.test ([127.0.0.1])\r\n\t")
+    assert expected.encode() in content.split(b"\r\n\r\n")[0]
+    assert b"with ESMTPS;" in content
+
+
+def test_dot_stuffing_undone(relay: Relay, recorder: Recorder) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, b"Subject: x\r\n\r\n..leading dot\r\n.\r\n").startswith("250")
+    assert recorder.calls[0][1].endswith(b"\r\n\r\n.leading dot\r\n")
+
+
+def test_spool_error_is_452(
+    tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile
+) -> None:
+    failing = Recorder(fail=SpoolError("disk full"))
+    with (
+        Relay(make_config(tmp_path), failing, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, MESSAGE) == "452 4.3.1 Insufficient system storage"
+        assert reply(smtp, "NOOP").startswith("250")
+    assert failing.attempts == 1
+
+
+def test_other_accept_error_is_451_and_session_continues(
+    tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile
+) -> None:
+    failing = Recorder(fail=RuntimeError("boom"))
+    with (
+        Relay(make_config(tmp_path), failing, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        for _ in range(2):
+            assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250")
+            smtp.docmd("RCPT TO:<b@local.test>")
+            assert send_data(smtp, MESSAGE).startswith("451 4.3.0")
+    assert failing.attempts == 2
+
+
+def test_accepted_log_has_facts_not_addresses(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mta")
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<secret.sender@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, MESSAGE).startswith("250")
+    _wait_for_record(caplog, "receive.accepted")
+    record = next(r for r in caplog.records if r.getMessage() == "receive.accepted")
+    facts = vars(record)
+    assert facts["qid"] == "Q0001"
+    assert facts["client"] == HOST
+    assert facts["rcpts"] == 1
+    assert facts["tls"] == "none"
+    assert facts["sender"].startswith("h:")
+    assert facts["sender"].endswith("@example.test")
+    assert facts["size"] > len(MESSAGE)
+    for r in caplog.records:
+        assert "secret.sender" not in repr(vars(r))
+        assert "hello" not in repr(vars(r))
+
+
+def test_stock_replies_have_enhanced_codes(relay: Relay) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        assert reply(smtp, "RCPT TO:<b@local.test>").startswith("503 5.5.1")
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250 2.1.0")
+        assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("503 5.5.1")
+        assert reply(smtp, "RSET") == "250 2.0.0 OK"
+        assert reply(smtp, "NOOP") == "250 2.0.0 OK"
+        assert reply(smtp, "VRFY b@local.test").startswith("252")
+        assert reply(smtp, "BOGUS").startswith("500 5.5.2")
+        assert reply(smtp, "MAIL FROM:<a@example.test> FOO=BAR").startswith("555 5.5.4")
+
+
+def test_pipelining(relay: Relay, recorder: Recorder) -> None:
+    with socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not stream.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+        assert [stream.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        sock.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert stream.readline().startswith(b"250 2.0.0 Ok: queued as Q0001")
+        assert stream.readline().startswith(b"221")
+    assert len(recorder.calls) == 1
+
+
+def test_idle_client_disconnected(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, passwords: PasswordFile
+) -> None:
+    config = make_config(tmp_path, limits='idle_timeout = "1s"')
+    with (
+        Relay(config, recorder, server_tls, passwords.authenticator) as relay,
+        socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock,
+    ):
+        assert sock.recv(512).startswith(b"220")
+        assert sock.recv(512) == b""  # closed by the server, well before TIMEOUT
+
+
+def test_listener_config_port_in_use_names_listener(
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext
+) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = make_config(tmp_path, auth=False)
+        busy = (dataclasses.replace(config.listeners[0], port=port),)
+        config = dataclasses.replace(config, listeners=busy)
+        with (
+            pytest.raises(ConfigError, match=r"listener\[0\]: cannot listen on 127\.0\.0\.1:"),
+            Relay(config, recorder, server_tls, None),
+        ):
+            pass
