@@ -51,3 +51,17 @@ class PermFail(MtaError):
     """Give up and bounce (5xx)."""
 
     reply = SmtpReply(550, "5.7.1", "Delivery not authorized")
+
+
+class TlsPolicyFailure(TempFail):
+    """The destination's TLS requirement cannot be met: defer, never downgrade.
+
+    ``reason`` is the RFC 8460 result type (or one of ours, DESIGN.md), e.g.
+    ``starttls-not-supported`` or ``validation-failure``.
+    """
+
+    reply = SmtpReply(451, "4.7.5", "TLS policy not satisfied")
+
+    def __init__(self, message: str, reason: str = "validation-failure") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -10,9 +10,8 @@ from __future__ import annotations
 import ssl
 from typing import Final
 
-FORWARD_SECRET_CIPHERS: Final = (
-    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS:!PSK:!SRP:@SECLEVEL=2"
-)
+_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS:!PSK:!SRP"
+FORWARD_SECRET_CIPHERS: Final = _CIPHERS + ":@SECLEVEL=2"  # a cipher list, not a password
 _FS_KEY_EXCHANGES: Final = ("ECDHE-", "DHE-")
 
 

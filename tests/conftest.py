@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ def tls_ca() -> trustme.CA:
 
 
 @pytest.fixture(scope="session")
-def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(path))
-    yield path
+    return path

@@ -18,7 +18,9 @@ def test_policy_validate_accepts_the_shipped_policies(capsys: pytest.CaptureFixt
     assert capsys.readouterr().out.count(": ok") == len(files)
 
 
-def test_policy_validate_reports_each_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_policy_validate_reports_each_bad_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
     good.write_text("[outbound]\nport = 2525\n")
     bad.write_text('[relay]\nlocal_domains = ["ok.test"]\nnetworks = "10.0.0.0/8"\n')
@@ -27,7 +29,9 @@ def test_policy_validate_reports_each_bad_file(tmp_path: Path, capsys: pytest.Ca
     assert err == f"mta: {bad}: relay.networks: expected a list, got '10.0.0.0/8'"
 
 
-def test_missing_policy_file_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_policy_file_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["queue", "list", "--config", str(tmp_path / "nope.toml")]) == cli.EXIT_CONFIG
     assert "nope.toml: (file): cannot read" in capsys.readouterr().err
 

@@ -177,6 +177,7 @@ def test_flipped_byte_quarantines_one_message_and_delivers_others(
     victim.write_bytes(bytes(data))
     with Receiver("127.0.0.8", port=port, tls="fs", ca=tls_ca) as receiver:
         relay.start()
+        assert relay.mta("queue", "flush").returncode == 0  # they were deferred before the stop
         got = receiver.wait_for(2, timeout=20)
         wait_until(
             lambda: (
@@ -306,3 +307,30 @@ def test_bad_policy_exits_2_with_one_line(
     assert key in lines[0]
     assert problem in lines[0]
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "accepted"),
+    [
+        (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"], True),
+        (["-tls1_3"], True),
+        (["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"], False),
+        (["-tls1_2", "-cipher", "AES128-GCM-SHA256:AES256-SHA"], False),
+    ],
+)
+def test_listener_tls_floor_with_openssl(
+    flags: list[str], accepted: bool, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is a test dependency (scripts/system-deps.sh installs it)"
+    relay = make_relay(relays, tmp_path, "").start()
+    done = subprocess.run(
+        [openssl, "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{relay.port}", *flags],
+        input="QUIT\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    handshake_ok = "Cipher is (NONE)" not in done.stdout and "New, " in done.stdout
+    assert handshake_ok is accepted, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,0 +1,374 @@
+"""One SMTP session to one address: connect, EHLO, STARTTLS, EHLO, MAIL, RCPT..., DATA.
+
+This is the I/O edge for outbound SMTP: aiosmtplib, ``ssl`` and socket exceptions are
+translated here, once, into a typed ``SessionOutcome``:
+
+- ``Transacted``: the server took part in a mail transaction, and its answers decide
+  each recipient (a 5xx to MAIL FROM bounces them all; RCPT and DATA replies decide one
+  by one). The caller tries no other host.
+- ``HostFailed``: nothing was decided here (connection refused or lost, timeout, a 4xx
+  or 5xx greeting, a 4xx to MAIL FROM, a TLS requirement not met): try the next
+  address. Its reply is always a 4xx that names the host; ``reason`` is set, with the
+  RFC 8460 result type, exactly when TLS was the problem.
+
+TLS (RFC 3207): STARTTLS is required at every level but ``may``; a host that does not
+offer it fails with ``starttls-not-supported``. After the handshake, a session without
+forward secrecy is refused (``no-forward-secrecy``), then EHLO is sent again because
+everything learned before TLS is forgotten. At ``may`` a failed handshake is retried
+once in plaintext on a new connection, as Postfix does; every other level defers
+instead (never downgrade). aiosmtplib dot-stuffs and turns bare CR/LF into CRLF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import aiosmtplib
+
+from mta.deliver.tlsclient import PKIX_LEVELS, classify_tls_error
+from mta.model import Outcome, RecipientResult, TlsInfo, TlsLevel
+from mta.reply import SmtpReply
+from mta.tlsbase import is_forward_secret
+
+log = logging.getLogger(__name__)
+
+MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
+_ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where to connect and what to check.
+
+    ``mx`` is the host name the address belongs to: it is sent as SNI and, at
+    ``verify``/``secure``, the name the certificate must carry.
+    """
+
+    address: str
+    port: int
+    mx: str
+    level: TlsLevel
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What to send: the envelope (for these recipients only) and the content."""
+
+    mail_from: str
+    rcpts: tuple[str, ...]
+    content: bytes
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """Per-agent session parameters (``outbound.*``)."""
+
+    helo: str | None
+    connect_timeout: float
+    command_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transacted:
+    """The server's replies decided every recipient (in ``Transaction.rcpts`` order)."""
+
+    results: tuple[RecipientResult, ...]
+    tls: TlsInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostFailed:
+    """Nothing decided at this address; try the next one."""
+
+    reply: SmtpReply
+    reason: str | None = None
+    tls: TlsInfo | None = None
+
+
+SessionOutcome = Transacted | HostFailed
+
+
+def reply_from(code: int, message: str) -> SmtpReply:
+    """A remote reply as an ``SmtpReply``: enhanced code from its text (RFC 2034) or the
+    class default (``X.0.0``); multi-line text joined, control characters removed, capped.
+    """
+    klass = str(code // 100)
+    enhanced = f"{klass}.0.0"
+    parts: list[str] = []
+    for index, line in enumerate(message.splitlines() or [""]):
+        line = line.strip()
+        match = _ENHANCED.match(line)
+        if match and match.group(1) == klass:  # a code of another class is just text
+            if index == 0:
+                enhanced = ".".join(match.groups())
+            line = line[match.end() :]
+        parts.append(_UNPRINTABLE.sub(" ", line).strip())
+    text = " ".join(part for part in parts if part)
+    if len(text) > MAX_REPLY_TEXT:
+        text = text[: MAX_REPLY_TEXT - 3] + "..."
+    return SmtpReply(code, enhanced, text)
+
+
+def _all(rcpts: Iterable[str], outcome: Outcome, reply: SmtpReply) -> tuple[RecipientResult, ...]:
+    return tuple(RecipientResult(rcpt, outcome, reply) for rcpt in rcpts)
+
+
+async def deliver_session(
+    target: Target,
+    txn: Transaction,
+    settings: SessionSettings,
+    context: ssl.SSLContext,
+) -> SessionOutcome:
+    """Run one session to ``target`` (and at ``may``, a plaintext retry after a TLS failure).
+
+    Parameters:
+        target: the address, port, MX host name and TLS level.
+        txn: the envelope and content to send.
+        settings: HELO name and timeouts.
+        context: the client TLS context for ``target.level`` (``tlsclient.client_context``).
+    """
+    outcome = await _Session(target, txn, settings, context, use_tls=True).run()
+    if (
+        target.level is TlsLevel.MAY
+        and isinstance(outcome, HostFailed)
+        and outcome.reason is not None
+    ):
+        log.info(
+            "deliver.tls.fallback",
+            extra={"mx": target.mx, "address": target.address, "reason": outcome.reason},
+        )
+        outcome = await _Session(target, txn, settings, context, use_tls=False).run()
+    return outcome
+
+
+class _Session:
+    """One connection; ``stage`` names the step for the "lost connection" reply."""
+
+    def __init__(
+        self,
+        target: Target,
+        txn: Transaction,
+        settings: SessionSettings,
+        context: ssl.SSLContext,
+        *,
+        use_tls: bool,
+    ) -> None:
+        self.target, self.txn, self.settings, self.context = target, txn, settings, context
+        self.use_tls = use_tls
+        self.stage = "connect"
+        self.tls: TlsInfo | None = None
+        self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
+        self.where = f"{target.mx}[{target.address}]:{target.port}"
+        self.smtp = aiosmtplib.SMTP(
+            hostname=target.address,
+            port=target.port,
+            local_hostname=settings.helo,
+            timeout=settings.command_timeout,
+            start_tls=False,
+            use_tls=False,
+        )
+
+    def failed(self, code: int, enhanced: str, text: str, reason: str | None = None) -> HostFailed:
+        return HostFailed(SmtpReply(code, enhanced, text), reason, self.tls)
+
+    def remote_failure(self, reply: SmtpReply, after: str) -> HostFailed:
+        """A refusal that only rules out this host: its 4xx as is; a 5xx becomes 451 4.4.0."""
+        text = f"host {self.where} said: {reply} (in reply to {after})"
+        if reply.is_temporary:
+            return self.failed(reply.code, reply.enhanced, text)
+        return self.failed(451, "4.4.0", text)
+
+    async def run(self) -> SessionOutcome:
+        try:
+            outcome = await self._converse()
+        except aiosmtplib.SMTPTimeoutError:
+            outcome = self.failed(451, "4.4.2", f"timeout with {self.where} during {self.stage}")
+        except (aiosmtplib.SMTPException, OSError) as err:
+            outcome = self.failed(
+                451,
+                "4.4.2",
+                f"lost connection with {self.where} during {self.stage}: {_oneline(err)}",
+            )
+        finally:
+            self.smtp.close()
+            # Closing a TLS transport waits for the peer's close_notify (up to 30 s);
+            # after QUIT there is nothing left to protect, so let the socket go now.
+            if self.raw is not None and not self.raw.is_closing():
+                self.raw.close()
+        return outcome
+
+    async def _converse(self) -> SessionOutcome:
+        failure = await self._connect()
+        if failure is None:
+            failure = await self._hello()
+        if failure is None and self.use_tls:
+            failure = await self._starttls()
+        if failure is not None:
+            return failure
+        outcome = await self._transaction()
+        self.stage = "quit"
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await self.smtp.quit(timeout=self.settings.connect_timeout)
+        return outcome
+
+    async def _connect(self) -> HostFailed | None:
+        try:
+            await self.smtp.connect(timeout=self.settings.connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as err:
+            return self.remote_failure(reply_from(err.code, err.message), "the greeting")
+        except aiosmtplib.SMTPConnectTimeoutError:
+            return self.failed(451, "4.4.1", f"connect to {self.where}: timed out")
+        except (aiosmtplib.SMTPConnectError, OSError) as err:
+            cause = err.__cause__ if err.__cause__ is not None else err
+            return self.failed(451, "4.4.1", f"connect to {self.where}: {_oneline(cause)}")
+        self.raw = self.smtp.transport
+        return None
+
+    async def _hello(self) -> HostFailed | None:
+        self.stage = "EHLO"
+        try:
+            await self.smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as err:
+            refused = reply_from(err.code, err.message)
+            if err.code < 500:
+                return self.remote_failure(refused, "EHLO")
+            if self.target.level is not TlsLevel.MAY:  # no ESMTP, so no STARTTLS
+                return self.failed(
+                    451,
+                    "4.7.5",
+                    f"TLS is required, but host {self.where} refused EHLO: {refused}",
+                    "starttls-not-supported",
+                )
+            self.stage = "HELO"
+            await self.smtp.helo()
+        return None
+
+    async def _starttls(self) -> HostFailed | None:
+        if not self.smtp.supports_extension("starttls"):
+            if self.target.level is TlsLevel.MAY:
+                return None
+            return self.failed(
+                451,
+                "4.7.5",
+                f"TLS is required, but was not offered by host {self.where}",
+                "starttls-not-supported",
+            )
+        self.stage = "STARTTLS"
+        try:
+            await self.smtp.starttls(tls_context=self.context, server_hostname=self.target.mx)
+        except ssl.SSLError as err:
+            reason = classify_tls_error(err)
+            detail = getattr(err, "verify_message", None) or getattr(err, "reason", None) or err
+            return self.failed(
+                451, "4.7.5", f"TLS with {self.where} failed: {reason}: {_oneline(detail)}", reason
+            )
+        except aiosmtplib.SMTPResponseException as err:
+            refused = reply_from(err.code, err.message)
+            return self.failed(
+                451,
+                "4.7.5",
+                f"STARTTLS refused by {self.where}: {refused}",
+                "starttls-not-supported",
+            )
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as err:
+            return self.failed(
+                451,
+                "4.7.5",
+                f"TLS handshake with {self.where} failed: {_oneline(err)}",
+                "validation-failure",
+            )
+        ssl_object = self.smtp.get_transport_info("ssl_object")
+        version: str | None = None
+        cipher: str | None = None
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            version = ssl_object.version()
+            negotiated = ssl_object.cipher()
+            cipher = negotiated[0] if negotiated else None
+        self.tls = TlsInfo(
+            version or "unknown",
+            cipher or "unknown",
+            peer_verified=self.target.level in PKIX_LEVELS,
+        )
+        if not is_forward_secret(version, cipher):
+            return self.failed(
+                451,
+                "4.7.5",
+                f"TLS with {self.where} has no forward secrecy: {version} {cipher}",
+                "no-forward-secrecy",
+            )
+        self.stage = "EHLO after STARTTLS"
+        await self.smtp.ehlo()  # RFC 3207 §4.2: forget what was learned before TLS
+        return None
+
+    async def _transaction(self) -> SessionOutcome:
+        txn, smtp = self.txn, self.smtp
+        options: list[str] = []
+        encoding = "ascii"
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(txn.content)}")
+        if txn.body_8bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if txn.smtputf8 and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        elif not all(a.isascii() for a in (txn.mail_from, *txn.rcpts)):
+            reply = SmtpReply(
+                550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.where}"
+            )
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+
+        self.stage = "MAIL FROM"
+        try:
+            await smtp.mail(txn.mail_from, options=options, encoding=encoding)
+        except aiosmtplib.SMTPSenderRefused as err:
+            reply = reply_from(err.code, err.message)
+            if err.code >= 500:
+                return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+            return self.remote_failure(reply, "MAIL FROM")
+        except ValueError:  # aiosmtplib refuses addresses unsafe on a command line
+            reply = SmtpReply(553, "5.1.7", "Bad sender address syntax")
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+
+        self.stage = "RCPT TO"
+        decided: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
+        for rcpt in txn.rcpts:
+            try:
+                await smtp.rcpt(rcpt, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as err:
+                reply = reply_from(err.code, err.message)
+                outcome = Outcome.BOUNCED if err.code >= 500 else Outcome.DEFERRED
+                decided[rcpt] = RecipientResult(rcpt, outcome, reply)
+            except ValueError:
+                reply = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
+                decided[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, reply)
+            else:
+                accepted.append(rcpt)
+
+        if accepted:
+            self.stage = "DATA"
+            try:
+                response = await smtp.data(txn.content)
+            except aiosmtplib.SMTPDataError as err:
+                reply = reply_from(err.code, err.message)
+                outcome = Outcome.BOUNCED if err.code >= 500 else Outcome.DEFERRED
+            else:
+                reply = reply_from(response.code, response.message)
+                outcome = Outcome.SENT
+            for rcpt in accepted:
+                decided[rcpt] = RecipientResult(rcpt, outcome, reply)
+        return Transacted(tuple(decided[rcpt] for rcpt in txn.rcpts), self.tls)
+
+
+def _oneline(value: object) -> str:
+    return _UNPRINTABLE.sub(" ", str(value)).strip()[:MAX_REPLY_TEXT]

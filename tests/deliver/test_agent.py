@@ -1,0 +1,339 @@
+"""DeliveryAgent without sockets: fake DNS answers and fake sessions drive routing,
+host iteration and the DNS outcomes. Real sessions are in tests/integration/test_deliver.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mta.config import Config, validate
+from mta.deliver.agent import MAX_ADDRESSES, DeliveryAgent
+from mta.deliver.session import HostFailed, SessionOutcome, Target, Transacted, Transaction
+from mta.model import (
+    DeliveryResult,
+    Envelope,
+    Outcome,
+    QueueId,
+    RecipientResult,
+    TlsInfo,
+    TlsLevel,
+)
+from mta.policy.dns import (
+    AddressesFound,
+    AddressLookup,
+    DnsTempFail,
+    MxHosts,
+    MxLookup,
+    NoDomain,
+    NullMx,
+)
+from mta.policy.mx import MxRecord
+from mta.reply import SmtpReply
+
+QID = QueueId("q1")
+RCPTS = ("bob@dest.test", "carol@dest.test")
+ENVELOPE = Envelope("alice@sender.test", RCPTS, received_at=0.0)
+REFUSED = HostFailed(SmtpReply(451, "4.4.1", "connect to x: refused"))
+TLS_FAILED = HostFailed(
+    SmtpReply(451, "4.7.5", "TLS is required, but was not offered"), "starttls-not-supported"
+)
+SENT_REPLY = SmtpReply(250, "2.0.0", "OK")
+
+
+def config(raw: Mapping[str, Any] | None = None, level: TlsLevel | None = None) -> Config:
+    base: dict[str, Any] = {"outbound": {"port": 2525}}
+    base.update(raw or {})
+    cfg = validate(base, "test.toml", Path("/nonexistent"))
+    if level is not None:
+        cfg = dataclasses.replace(
+            cfg, outbound=dataclasses.replace(cfg.outbound, default_level=level)
+        )
+    return cfg
+
+
+class FakeDns:
+    def __init__(
+        self,
+        mx: Mapping[str, MxLookup] | None = None,
+        addresses: Mapping[str, AddressLookup] | None = None,
+    ) -> None:
+        self._mx = dict(mx or {})
+        self._addresses = dict(addresses or {})
+        self.asked: list[str] = []
+
+    async def mx(self, domain: str) -> MxLookup:
+        self.asked.append(f"MX {domain}")
+        return self._mx.get(domain, NoDomain(f"{domain}: NXDOMAIN"))
+
+    async def addresses(self, host: str) -> AddressLookup:
+        self.asked.append(f"A {host}")
+        return self._addresses.get(host, NoDomain(f"{host}: NXDOMAIN"))
+
+
+class FakeSessions:
+    """Answers by address; an address not listed delivers everything."""
+
+    def __init__(self, outcomes: Mapping[str, SessionOutcome | Exception] | None = None) -> None:
+        self.outcomes = dict(outcomes or {})
+        self.targets: list[Target] = []
+
+    async def __call__(self, target: Target, txn: Transaction) -> SessionOutcome:
+        self.targets.append(target)
+        outcome = self.outcomes.get(target.address)
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome is not None:
+            return outcome
+        tls = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+        results = tuple(RecipientResult(r, Outcome.SENT, SENT_REPLY) for r in txn.rcpts)
+        return Transacted(results, tls)
+
+
+def deliver(
+    cfg: Config, dns: FakeDns, sessions: FakeSessions, domain: str = "dest.test"
+) -> DeliveryResult:
+    agent = DeliveryAgent(cfg, dns, random.Random(0), session=sessions)
+    return asyncio.run(agent.deliver(QID, ENVELOPE, domain, RCPTS, b"Subject: x\r\n\r\nhi\r\n"))
+
+
+def outcomes(result: DeliveryResult) -> set[Outcome]:
+    return {r.outcome for r in result.results}
+
+
+def test_mx_hosts_in_preference_order_first_failures_skipped() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(20, "mx2.dest.test"), MxRecord(10, "mx1.dest.test")))},
+        addresses={
+            "mx1.dest.test": AddressesFound(("127.0.0.21", "127.0.0.22")),
+            "mx2.dest.test": AddressesFound(("127.0.0.23",)),
+        },
+    )
+    sessions = FakeSessions({"127.0.0.21": REFUSED, "127.0.0.22": TLS_FAILED})
+    result = deliver(config(), dns, sessions)
+    assert [t.address for t in sessions.targets] == ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
+    assert [t.mx for t in sessions.targets] == ["mx1.dest.test", "mx1.dest.test", "mx2.dest.test"]
+    assert all(t.port == 2525 and t.level is TlsLevel.ENCRYPT for t in sessions.targets)
+    assert outcomes(result) == {Outcome.SENT}
+    assert result.mx == "mx2.dest.test"
+    assert result.tls is not None
+    assert [r.rcpt for r in result.results] == list(RCPTS)
+
+
+def test_all_hosts_failing_defers_with_the_last_failure() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx1.dest.test"), MxRecord(20, "mx2.dest.test")))},
+        addresses={
+            "mx1.dest.test": AddressesFound(("127.0.0.21",)),
+            "mx2.dest.test": AddressesFound(("127.0.0.22",)),
+        },
+    )
+    sessions = FakeSessions({"127.0.0.21": REFUSED, "127.0.0.22": TLS_FAILED})
+    result = deliver(config(), dns, sessions)
+    assert outcomes(result) == {Outcome.DEFERRED}
+    assert {r.reply for r in result.results} == {TLS_FAILED.reply}
+    assert {r.reason for r in result.results} == {"starttls-not-supported"}
+    assert result.mx == "mx2.dest.test"
+
+
+def test_connection_failures_only_defer_with_4_4_1() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx1.dest.test"),))},
+        addresses={"mx1.dest.test": AddressesFound(("127.0.0.21",))},
+    )
+    result = deliver(config(), dns, FakeSessions({"127.0.0.21": REFUSED}))
+    assert {(r.outcome, r.reply.code, r.reply.enhanced, r.reason) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.4.1", None)
+    }
+
+
+def test_the_deciding_session_is_final_even_when_it_bounces() -> None:
+    bounced = tuple(
+        RecipientResult(r, Outcome.BOUNCED, SmtpReply(550, "5.7.1", "sender refused"))
+        for r in RCPTS
+    )
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx1.dest.test"), MxRecord(20, "mx2.dest.test")))},
+        addresses={
+            "mx1.dest.test": AddressesFound(("127.0.0.21",)),
+            "mx2.dest.test": AddressesFound(("127.0.0.22",)),
+        },
+    )
+    sessions = FakeSessions({"127.0.0.21": Transacted(bounced, None)})
+    result = deliver(config(), dns, sessions)
+    assert result.results == bounced
+    assert len(sessions.targets) == 1
+
+
+def test_null_mx_bounces_without_connecting() -> None:
+    sessions = FakeSessions()
+    result = deliver(config(), FakeDns(mx={"dest.test": NullMx()}), sessions)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.BOUNCED, 556, "5.1.10")
+    }
+    assert sessions.targets == []
+
+
+def test_nxdomain_bounces() -> None:
+    result = deliver(config(), FakeDns(), FakeSessions())
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.BOUNCED, 550, "5.4.4")
+    }
+
+
+def test_dns_temporary_failure_defers() -> None:
+    dns = FakeDns(mx={"dest.test": DnsTempFail("dest.test: SERVFAIL")})
+    result = deliver(config(), dns, FakeSessions())
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.4.3")
+    }
+
+
+def test_implicit_mx_uses_the_domain_itself() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts(())},
+        addresses={"dest.test": AddressesFound(("127.0.0.24",))},
+    )
+    sessions = FakeSessions()
+    result = deliver(config(), dns, sessions)
+    assert outcomes(result) == {Outcome.SENT}
+    assert [(t.address, t.mx) for t in sessions.targets] == [("127.0.0.24", "dest.test")]
+
+
+def test_no_address_for_any_host_bounces_but_a_temporary_failure_defers() -> None:
+    mx = {"dest.test": MxHosts((MxRecord(10, "mx1.dest.test"), MxRecord(20, "mx2.dest.test")))}
+    result = deliver(config(), FakeDns(mx=mx), FakeSessions())
+    assert {(r.outcome, r.reply.enhanced) for r in result.results} == {(Outcome.BOUNCED, "5.4.4")}
+
+    dns = FakeDns(mx=mx, addresses={"mx2.dest.test": DnsTempFail("mx2.dest.test: timeout")})
+    result = deliver(config(), dns, FakeSessions())
+    assert {(r.outcome, r.reply.enhanced) for r in result.results} == {(Outcome.DEFERRED, "4.4.3")}
+
+
+def test_route_to_an_ip_literal_skips_dns() -> None:
+    cfg = config({"route": [{"domain": "dest.test", "nexthop": "[127.0.0.30]:2600"}]})
+    dns = FakeDns()
+    sessions = FakeSessions()
+    result = deliver(cfg, dns, sessions)
+    assert outcomes(result) == {Outcome.SENT}
+    assert [(t.address, t.port) for t in sessions.targets] == [("127.0.0.30", 2600)]
+    assert dns.asked == []
+
+
+def test_route_without_port_uses_outbound_port_and_mx_lookup_of_the_nexthop() -> None:
+    cfg = config({"route": [{"domain": ".dest.test", "nexthop": "relay.hub.test"}]})
+    dns = FakeDns(
+        mx={"relay.hub.test": MxHosts((MxRecord(10, "in.hub.test"),))},
+        addresses={"in.hub.test": AddressesFound(("127.0.0.31",))},
+    )
+    sessions = FakeSessions()
+    result = deliver(cfg, dns, sessions, domain="sub.dest.test")
+    assert outcomes(result) == {Outcome.SENT}
+    assert dns.asked == ["MX relay.hub.test", "A in.hub.test"]
+    assert [(t.address, t.port, t.mx) for t in sessions.targets] == [
+        ("127.0.0.31", 2525, "in.hub.test")
+    ]
+
+
+def test_secure_skips_mx_hosts_outside_the_nexthop_domain() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.hoster.test"), MxRecord(20, "mx.dest.test")))},
+        addresses={
+            "mx.hoster.test": AddressesFound(("127.0.0.32",)),
+            "mx.dest.test": AddressesFound(("127.0.0.33",)),
+        },
+    )
+    sessions = FakeSessions()
+    result = deliver(config(level=TlsLevel.SECURE), dns, sessions)
+    assert outcomes(result) == {Outcome.SENT}
+    assert [t.mx for t in sessions.targets] == ["mx.dest.test"]
+    assert "A mx.hoster.test" not in dns.asked
+
+
+def test_secure_with_only_foreign_mx_hosts_defers() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.hoster.test"),))},
+        addresses={"mx.hoster.test": AddressesFound(("127.0.0.32",))},
+    )
+    sessions = FakeSessions()
+    result = deliver(config(level=TlsLevel.SECURE), dns, sessions)
+    assert {(r.outcome, r.reply.enhanced, r.reason) for r in result.results} == {
+        (Outcome.DEFERRED, "4.7.5", "certificate-host-mismatch")
+    }
+    assert sessions.targets == []
+
+
+@pytest.mark.parametrize("level", [TlsLevel.DANE, TlsLevel.DANE_ONLY, TlsLevel.FINGERPRINT])
+def test_unimplemented_levels_defer_before_any_lookup(level: TlsLevel) -> None:
+    dns = FakeDns(mx={"dest.test": MxHosts(())})
+    sessions = FakeSessions()
+    result = deliver(config(level=level), dns, sessions)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced, r.reason) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.7.5", "validation-failure")
+    }
+    assert "not implemented" in result.results[0].reply.text
+    assert dns.asked == []
+    assert sessions.targets == []
+
+
+def test_connections_per_attempt_are_capped() -> None:
+    addresses = tuple(f"127.0.1.{i}" for i in range(1, 9))
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.dest.test"),))},
+        addresses={"mx.dest.test": AddressesFound(addresses)},
+    )
+    sessions = FakeSessions(dict.fromkeys(addresses, REFUSED))
+    result = deliver(config(), dns, sessions)
+    assert len(sessions.targets) == MAX_ADDRESSES
+    assert outcomes(result) == {Outcome.DEFERRED}
+
+
+def test_a_bug_in_one_attempt_defers_that_message_only(caplog: pytest.LogCaptureFixture) -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.dest.test"),))},
+        addresses={"mx.dest.test": AddressesFound(("127.0.0.21",))},
+    )
+    sessions = FakeSessions({"127.0.0.21": RuntimeError("boom")})
+    with caplog.at_level(logging.INFO, logger="mta.deliver"):
+        result = deliver(config(), dns, sessions)
+    assert {(r.outcome, r.reply.enhanced) for r in result.results} == {(Outcome.DEFERRED, "4.3.0")}
+    assert any(rec.getMessage() == "deliver.error" for rec in caplog.records)
+
+
+def test_one_result_line_per_attempt_without_addresses(caplog: pytest.LogCaptureFixture) -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.dest.test"),))},
+        addresses={"mx.dest.test": AddressesFound(("127.0.0.21", "127.0.0.22"))},
+    )
+    refused_one = Transacted(
+        (
+            RecipientResult(RCPTS[0], Outcome.SENT, SENT_REPLY),
+            RecipientResult(RCPTS[1], Outcome.BOUNCED, SmtpReply(550, "5.1.1", "no such user")),
+        ),
+        TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+    )
+    sessions = FakeSessions({"127.0.0.21": REFUSED, "127.0.0.22": refused_one})
+    with caplog.at_level(logging.INFO, logger="mta.deliver"):
+        deliver(config(), dns, sessions)
+    lines = [rec for rec in caplog.records if rec.getMessage() == "deliver.result"]
+    assert len(lines) == 1
+    facts: dict[str, Any] = lines[0].__dict__
+    assert facts["qid"] == QID
+    assert facts["domain"] == "dest.test"
+    assert facts["mx"] == "mx.dest.test"
+    assert facts["tls"] == "TLSv1.3"
+    assert facts["cipher"] == "TLS_AES_256_GCM_SHA384"
+    assert (facts["sent"], facts["deferred"], facts["bounced"]) == (1, 0, 1)
+    assert facts["reply"] == "550 5.1.1"
+    assert facts["rcpt"].startswith("h:")
+    for rec in caplog.records:
+        text = " ".join(str(v) for v in rec.__dict__.values())
+        for address in (*RCPTS, ENVELOPE.mail_from):
+            assert address not in text
