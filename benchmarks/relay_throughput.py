@@ -98,10 +98,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def run_phase(
-    name: str, target_port: int, sink: subprocess.Popen[str], args: argparse.Namespace
+    name: str, target: tuple[str, int], sink: subprocess.Popen[str], args: argparse.Namespace
 ) -> float:
     started = time.monotonic()
-    latencies = asyncio.run(load("127.0.0.1", target_port, args.messages, args.sessions, args.size))
+    latencies = asyncio.run(load(*target, args.messages, args.sessions, args.size))
     finished = wait_done(sink)
     rate = args.messages / (finished - started)
     print(
@@ -128,7 +128,7 @@ def main() -> int:
         sink_port = free_port(sink_host)
         sink = start_sink(sink_host, sink_port, args.messages, work)
         try:
-            baseline = run_phase("baseline", sink_port, sink, args)
+            baseline = run_phase("baseline", (sink_host, sink_port), sink, args)
         finally:
             sink.terminate()
             sink.wait()
@@ -156,7 +156,7 @@ def main() -> int:
                     if time.monotonic() > deadline or relay.poll() is not None:
                         raise SystemExit("relay did not start") from None
                     time.sleep(0.1)
-            rate = run_phase("mta relay", relay_port, sink, args)
+            rate = run_phase("mta relay", ("127.0.0.1", relay_port), sink, args)
         finally:
             relay.send_signal(signal.SIGTERM)
             relay.wait(timeout=60)
