@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
+
 from mta.receive.tls import ensure_self_signed, server_context
 
 
