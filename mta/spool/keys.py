@@ -87,7 +87,7 @@ class KeyRing:
             path.parent.mkdir(mode=_files.DIR_MODE, parents=True)
         _files.write_new(path, _format(keys).encode("ascii"))
         _files.fsync_dir(path.parent)
-        log.info("spool.keys.created", extra={"key_file": str(path)})
+        log.debug("spool.keys.created", extra={"key_file": str(path)})  # app logs mta.init
         return cls(path, keys, random=random)
 
     @property

@@ -334,3 +334,21 @@ def test_listener_tls_floor_with_openssl(
     )
     handshake_ok = "Cipher is (NONE)" not in done.stdout and "New, " in done.stdout
     assert handshake_ok is accepted, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_rejected_recipient_bounces_to_the_sender_with_a_dsn(
+    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    reject = {"nobody@dest.test": "550 5.1.1 No such user"}
+    with Receiver("127.0.0.14", tls="fs", ca=tls_ca, rcpt_reply=reject) as receiver:
+        relay = make_relay(relays, tmp_path, policy(f"[127.0.0.14]:{receiver.port}")).start()
+        relay.send(SENDER, ["nobody@dest.test", "bob@dest.test"], message(subject="will bounce"))
+        got = receiver.wait_for(2, timeout=20)
+    original, dsn = sorted(got, key=lambda m: m.mail_from != SENDER)
+    assert original.rcpt_tos == ["bob@dest.test"]
+    assert dsn.mail_from in ("", "<>")  # the null sender, however the receiver spells it
+    assert dsn.rcpt_tos == [SENDER]
+    assert b"multipart/report" in dsn.content
+    assert b"Final-Recipient: rfc822; nobody@dest.test" in dsn.content
+    assert b"Status: 5.1.1" in dsn.content
+    assert b"Subject: will bounce" in dsn.content  # the original's headers ride along
