@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from mta.errors import ConfigError
 from mta.model import TlsLevel
+from mta.policy.local import DomainPolicy, normalise_fingerprint
 
 ListenerMode = Literal["relay", "submission", "smtps"]
 LISTENER_MODES: Final = ("relay", "submission", "smtps")
@@ -65,6 +66,21 @@ class Resolver:
 class DnsConfig:
     resolvers: tuple[Resolver, ...] = ()
     timeout: float = 10.0
+    trusted: bool = False  # trust the AD bit of a resolver that is not on loopback
+
+
+@dataclass(frozen=True, slots=True)
+class DaneConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MtaStsConfig:
+    enabled: bool = True
+    port: int = 443  # of https://mta-sts.<domain>/ (tests use others)
+    timeout: float = 10.0
+    cache_file: Path = Path("mta-sts-cache.json")
+    refresh_interval: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +149,9 @@ class Config:
     limits: LimitsConfig
     auth: AuthConfig
     log: LogConfig
+    dane: DaneConfig
+    mta_sts: MtaStsConfig
+    domains: tuple[DomainPolicy, ...] = ()
 
     @property
     def control_socket(self) -> Path:
@@ -391,15 +410,23 @@ def _level(text: str) -> TlsLevel:
     return level
 
 
-def validate(raw: Mapping[str, Any], source: str, home: Path) -> Config:
+def validate(
+    raw: Mapping[str, Any],
+    source: str,
+    home: Path,
+    included: Sequence[tuple[str, Mapping[str, Any]]] = (),
+) -> Config:
     """Turn a parsed TOML document into a ``Config``; raise ``ConfigError`` on the first problem.
 
     Parameters:
         raw: the document as ``tomllib`` returns it.
         source: the file name to put in errors.
         home: the data directory that relative paths are resolved against.
+        included: (file name, document) of each file named by ``include``; they may
+            hold only ``[[domain]]`` tables.
     """
     top = _Table(source, "", raw)
+    top.strings("include")  # read by load(); checked here so a bad value names its key
     hostname = top.get("hostname", str, "")
 
     listeners = tuple(_listener(t, home) for t in top.tables("listener"))
@@ -427,8 +454,28 @@ def validate(raw: Mapping[str, Any], source: str, home: Path) -> Config:
     relay_t.done()
 
     dns_t = top.table("dns")
-    dns = DnsConfig(_list_of(dns_t, "resolvers", parse_resolver), _duration(dns_t, "timeout", 10.0))
+    dns = DnsConfig(
+        _list_of(dns_t, "resolvers", parse_resolver),
+        _duration(dns_t, "timeout", 10.0),
+        dns_t.get("trusted", bool, False),
+    )
     dns_t.done()
+
+    dane_t = top.table("dane")
+    dane = DaneConfig(enabled=dane_t.get("enabled", bool, True))
+    dane_t.done()
+
+    sts_t = top.table("mta_sts")
+    cache_file = _path(sts_t, "cache_file", home, "mta-sts-cache.json")
+    assert cache_file is not None
+    mta_sts = MtaStsConfig(
+        enabled=sts_t.get("enabled", bool, True),
+        port=sts_t.convert("port", int, 443, lambda p: _port(str(p))),
+        timeout=_duration(sts_t, "timeout", 10.0),
+        cache_file=cache_file,
+        refresh_interval=_duration(sts_t, "refresh_interval", 3600.0),
+    )
+    sts_t.done()
 
     tls_t = top.table("tls")
     tls = TlsConfig(ca_file=_path(tls_t, "ca_file", home, None))
@@ -485,6 +532,13 @@ def validate(raw: Mapping[str, Any], source: str, home: Path) -> Config:
     log = LogConfig(level=level, format=fmt)  # type: ignore[arg-type]
     log_t.done()
 
+    domains = [_domain_policy(t, home) for t in top.tables("domain")]
+    for name, doc in included:
+        inc = _Table(name, "", doc)
+        domains += [_domain_policy(t, home) for t in inc.tables("domain")]
+        inc.done()
+    _no_duplicates(domains)
+
     top.done()
     for listener in listeners:
         if listener.mode == "submission" and auth.password_file is None:
@@ -503,7 +557,61 @@ def validate(raw: Mapping[str, Any], source: str, home: Path) -> Config:
         limits=limits,
         auth=auth,
         log=log,
+        dane=dane,
+        mta_sts=mta_sts,
+        domains=tuple(domains),
     )
+
+
+def _domain_policy(table: _Table, home: Path) -> DomainPolicy:
+    """One ``[[domain]]`` table: a local policy that outranks DANE and MTA-STS."""
+    for required in ("name", "level"):
+        if required not in table.raw:
+            raise table.error(required, "required")
+    name = table.convert("name", str, "", _domain)
+    if name == "*":
+        raise table.error("name", "a domain policy names a domain or .parent, not *")
+    level = table.convert("level", str, TlsLevel.ENCRYPT, _any_level)
+    fingerprints = _list_of(table, "fingerprints", normalise_fingerprint)
+    if level is TlsLevel.FINGERPRINT and not fingerprints:
+        raise table.error("fingerprints", 'required with level = "fingerprint"')
+    if fingerprints and level is not TlsLevel.FINGERPRINT:
+        raise table.error("fingerprints", 'only used with level = "fingerprint"')
+    cert = _path(table, "client_cert", home, None)
+    key = _path(table, "client_key", home, None)
+    if (cert is None) != (key is None):
+        missing = "client_key" if key is None else "client_cert"
+        raise table.error(missing, "client_cert and client_key go together")
+    policy = DomainPolicy(
+        name=name,
+        level=level,
+        fingerprints=fingerprints,
+        client_cert=cert,
+        client_key=key,
+        nexthop=table.convert("nexthop", str, None, parse_nexthop),
+        ca_file=_path(table, "ca_file", home, None),
+        source=table.source,
+    )
+    table.done()
+    return policy
+
+
+def _any_level(text: str) -> TlsLevel:
+    try:
+        return TlsLevel.from_label(text)
+    except ValueError:
+        names = ", ".join(level.label for level in TlsLevel)
+        raise ValueError(f"expected one of {names}, got {text!r}") from None
+
+
+def _no_duplicates(domains: Sequence[DomainPolicy]) -> None:
+    seen: dict[str, DomainPolicy] = {}
+    for policy in domains:
+        first = seen.setdefault(policy.name, policy)
+        if first is not policy:
+            raise ConfigError(
+                policy.source, "domain.name", f"{policy.name} is already set in {first.source}"
+            )
 
 
 def data_home(environ: Mapping[str, str] = os.environ) -> Path:
@@ -511,22 +619,46 @@ def data_home(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(environ.get("MTA_HOME") or "var").absolute()
 
 
-def parse_text(text: str, source: str, home: Path) -> Config:
-    """Parse and validate TOML text; a TOML syntax error is a ``ConfigError`` too."""
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, "(syntax)", str(err)) from None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(path, "(file)", f"cannot read: {err}") from None
+
+
+def parse_text(text: str, source: str, home: Path) -> Config:
+    """Parse and validate TOML text (no includes); a TOML syntax error is a ``ConfigError`` too."""
+    raw = _parse_toml(text, source)
+    if raw.get("include"):
+        raise ConfigError(source, "include", "only a policy file on disk may include others")
     return validate(raw, source, home)
 
 
 def load(path: Path, home: Path | None = None) -> Config:
-    """Read and validate a policy file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(path, "(file)", f"cannot read: {err}") from None
-    return parse_text(text, str(path), home or data_home())
+    """Read and validate a policy file and the files its ``include`` patterns name.
+
+    Patterns are globs relative to the including file's directory, read in sorted order.
+    """
+    raw = _parse_toml(_read(path), str(path))
+    patterns = raw.get("include", [])
+    included: list[tuple[str, Mapping[str, Any]]] = []
+    if isinstance(patterns, list):
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                continue  # validate() reports the bad value with its key
+            matches = sorted(path.parent.glob(pattern))
+            if not matches and not any(c in pattern for c in "*?["):
+                raise ConfigError(path, "include", f"no such file: {pattern}")
+            for name in matches:
+                included.append((str(name), _parse_toml(_read(name), str(name))))
+    return validate(raw, str(path), home or data_home(), included)
 
 
 def default_policy_text() -> str:

@@ -160,3 +160,99 @@ def test_relative_paths_resolve_against_the_data_directory() -> None:
 def test_data_home_from_environment() -> None:
     assert config.data_home({"MTA_HOME": "/srv/mta"}) == Path("/srv/mta")
     assert config.data_home({}) == Path("var").absolute()
+
+
+def test_domain_policies_from_the_file_and_its_includes(tmp_path: Path) -> None:
+    (tmp_path / "domains").mkdir()
+    (tmp_path / "domains" / "a.toml").write_text(
+        '[[domain]]\nname = "Partner.Example"\nlevel = "fingerprint"\n'
+        'fingerprints = ["SHA256:' + "AB:" * 31 + 'AB"]\n'
+    )
+    (tmp_path / "main.toml").write_text(
+        'include = ["domains/*.toml"]\n[[domain]]\nname = ".example"\nlevel = "dane-only"\n'
+        'client_cert = "c.pem"\nclient_key = "c.key"\nnexthop = "[relay.example]:2525"\n'
+    )
+    cfg = config.load(tmp_path / "main.toml", HOME)
+    first, second = cfg.domains
+    assert (first.name, first.level, first.client_cert) == (
+        ".example",
+        TlsLevel.DANE_ONLY,
+        HOME / "c.pem",
+    )
+    assert first.nexthop == config.Nexthop("relay.example", 2525, False)
+    assert (second.name, second.level) == ("partner.example", TlsLevel.FINGERPRINT)
+    assert second.fingerprints == ("sha256:" + "ab" * 32,)
+    assert second.source == str(tmp_path / "domains" / "a.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[domain]]\nlevel = "verify"', "domain[0].name: required"),
+        ('[[domain]]\nname = "x.test"', "domain[0].level: required"),
+        ('[[domain]]\nname = "*"\nlevel = "verify"', "domain[0].name: a domain policy names"),
+        ('[[domain]]\nname = "x.test"\nlevel = "sometimes"', "domain[0].level: expected one of"),
+        ('[[domain]]\nname = "x.test"\nlevel = "fingerprint"', "domain[0].fingerprints: required"),
+        (
+            '[[domain]]\nname = "x.test"\nlevel = "fingerprint"\nfingerprints = ["sha256:abc"]',
+            "domain[0].fingerprints: expected sha256:<64 hex digits>",
+        ),
+        (
+            '[[domain]]\nname = "x.test"\nlevel = "verify"\nfingerprints = ["' + "a" * 64 + '"]',
+            "domain[0].fingerprints: only used with",
+        ),
+        (
+            '[[domain]]\nname = "x.test"\nlevel = "verify"\nclient_cert = "c"',
+            "domain[0].client_key",
+        ),
+        (
+            '[[domain]]\nname = "x.test"\nlevel = "verify"\ncolour = 1',
+            "domain[0].colour: unknown key",
+        ),
+        (
+            '[[domain]]\nname = "x.test"\nlevel = "may"\n' * 2,
+            "domain.name: x.test is already set in test.toml",
+        ),
+        ('include = ["a.toml"]', "include: only a policy file on disk"),
+        ("[dns]\ntrusted = 1", "dns.trusted: expected true or false"),
+        ("[mta_sts]\nport = 0", "mta_sts.port: expected a port"),
+    ],
+)
+def test_domain_policy_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    assert message in str(caught.value)
+
+
+def test_an_included_file_may_only_hold_domain_tables(tmp_path: Path) -> None:
+    (tmp_path / "d.toml").write_text("[outbound]\nport = 25\n")
+    (tmp_path / "main.toml").write_text('include = ["d.toml"]\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(tmp_path / "main.toml", HOME)
+    assert str(caught.value) == f"{tmp_path / 'd.toml'}: outbound: unknown key"
+
+
+def test_a_missing_include_without_wildcards_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "main.toml").write_text('include = ["nope.toml"]\n')
+    with pytest.raises(ConfigError, match=r"include: no such file: nope\.toml"):
+        config.load(tmp_path / "main.toml", HOME)
+
+
+def test_find_policy_exact_beats_longest_suffix() -> None:
+    from mta.policy.local import find_policy
+
+    cfg = parse(
+        '[[domain]]\nname = ".example"\nlevel = "verify"\n'
+        '[[domain]]\nname = ".b.example"\nlevel = "secure"\n'
+        '[[domain]]\nname = "a.b.example"\nlevel = "may"\n'
+    )
+
+    def level(domain: str) -> str | None:
+        found = find_policy(cfg.domains, domain)
+        return found.level.label if found else None
+
+    assert level("a.b.example") == "may"
+    assert level("c.b.example") == "secure"
+    assert level("b.example") == "verify"
+    assert level("example") is None
+    assert level("other.test") is None
