@@ -20,13 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mta.clock import SystemClock
+from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.control import start_control
 from mta.deliver.agent import DeliveryAgent
-from mta.errors import KeyFileError
+from mta.deliver.verify import TrustStore, load_trust_store
+from mta.errors import ConfigError, KeyFileError
 from mta.model import Envelope, QueueId
-from mta.policy.dns import DnsClient
+from mta.policy.dns import AddressesFound, DnsClient, resolver_is_trusted
+from mta.policy.resolver import DestinationResolver
+from mta.policy.sts_cache import StsCache, StsResolver
+from mta.policy.sts_fetch import StsFetcher
 from mta.receive.auth import PasswordFile
 from mta.receive.server import start_listeners
 from mta.receive.tls import ensure_self_signed, server_context
@@ -71,6 +75,88 @@ def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
 
 
 @dataclass
+class Destinations:
+    """The policy side of delivery, shared by the relay and ``mta check``."""
+
+    resolver: DestinationResolver
+    sts: StsResolver | None
+    fetcher: StsFetcher | None
+
+    async def close(self) -> None:
+        if self.fetcher is not None:
+            await self.fetcher.close()
+
+
+def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
+    try:
+        return load_trust_store(files, system=system)
+    except ConfigError as err:  # it names the file; we name the policy key
+        raise ConfigError(err.source, key, err.problem) from None
+
+
+def _sts_context(config: Config) -> ssl.SSLContext:
+    """HTTPS for MTA-STS policies: PKIX against the system store plus ``tls.ca_file``."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(config.tls.ca_file))
+        except (OSError, ValueError) as err:
+            raise ConfigError(config.tls.ca_file, "tls.ca_file", f"cannot load: {err}") from None
+    return context
+
+
+def build_destinations(config: Config, clock: Clock) -> Destinations:
+    """DNS, trust stores, MTA-STS and the destination resolver, as ``config`` says.
+
+    Says once, at WARNING, when DANE cannot be trusted (the resolver is neither on
+    loopback nor marked ``dns.trusted``): DNSSEC status is then never believed.
+    """
+    dns = DnsClient(config.dns.resolvers, config.dns.timeout)
+    dane_trusted = resolver_is_trusted(dns.resolvers, config.dns.trusted)
+    if config.dane.enabled and not dane_trusted:
+        log.warning(
+            "dane.untrusted_resolver",
+            extra={
+                "detail": "the DNS resolver is not on loopback and dns.trusted is false: "
+                "DANE is off (run a validating resolver such as unbound on 127.0.0.1)"
+            },
+        )
+    extra = [config.tls.ca_file] if config.tls.ca_file else []
+    trust = _trust_store(extra, system=True, key="tls.ca_file")
+    domain_trust = {
+        policy.name: _trust_store([policy.ca_file], system=False, key="domain.ca_file")
+        for policy in config.domains
+        if policy.ca_file is not None
+    }
+    sts: StsResolver | None = None
+    fetcher: StsFetcher | None = None
+    if config.mta_sts.enabled:
+
+        async def resolve(host: str) -> list[str]:
+            found = await dns.addresses(host)
+            return list(found.addresses) if isinstance(found, AddressesFound) else []
+
+        fetcher = StsFetcher(
+            resolve=resolve,
+            ssl_context=_sts_context(config),
+            port=config.mta_sts.port,
+            timeout=config.mta_sts.timeout,
+        )
+        sts = StsResolver(dns, fetcher, StsCache.load(config.mta_sts.cache_file), clock)
+    resolver = DestinationResolver(
+        config,
+        dns,
+        sts,
+        trust,
+        domain_trust=domain_trust,
+        dane_trusted=dane_trusted,
+        rand=random.Random(),  # noqa: S311 - MX tie-break, not crypto
+    )
+    return Destinations(resolver, sts, fetcher)
+
+
+@dataclass
 class Relay:
     """The running relay's parts, kept together for shutdown."""
 
@@ -78,15 +164,18 @@ class Relay:
     scheduler: Scheduler
     servers: list[asyncio.Server]
     control: asyncio.Server
-    scheduler_task: asyncio.Task[None]
+    destinations: Destinations
+    tasks: list[asyncio.Task[None]]
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         for server in self.servers:
             server.close()
         await self.scheduler.stop(grace)
-        self.scheduler_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.scheduler_task
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.destinations.close()
         self.control.close()
         for server in self.servers:
             await server.wait_closed()
@@ -131,12 +220,13 @@ async def start(config: Config) -> Relay:
         )
     passwords = PasswordFile.load(config.auth.password_file) if config.auth.password_file else None
 
-    dns = DnsClient(config.dns.resolvers, config.dns.timeout)
-    agent = DeliveryAgent(config, dns, random.Random())  # noqa: S311 - MX tie-break, not crypto
+    clock = SystemClock()
+    destinations = build_destinations(config, clock)
+    agent = DeliveryAgent(config, destinations.resolver)
     scheduler = Scheduler(
         store,
         agent,
-        SystemClock(),
+        clock,
         outbound=config.outbound,
         max_age=config.spool.max_age,
         hostname=hostname,
@@ -148,7 +238,10 @@ async def start(config: Config) -> Relay:
         scheduler.enqueue(qid, envelope)
         return qid
 
-    scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    tasks = [asyncio.create_task(scheduler.run(), name="scheduler")]
+    if destinations.sts is not None:
+        refresher = destinations.sts.run_refresher(config.mta_sts.refresh_interval)
+        tasks.append(asyncio.create_task(refresher, name="mta-sts-refresher"))
     authenticator = passwords.authenticator if passwords else None
     servers = await start_listeners(config, accept, tls_for, authenticator, hostname)
 
@@ -173,7 +266,7 @@ async def start(config: Config) -> Relay:
             "default_level": config.outbound.default_level.label,
         },
     )
-    return Relay(store, scheduler, servers, control, scheduler_task)
+    return Relay(store, scheduler, servers, control, destinations, tasks)
 
 
 async def serve(config: Config) -> None:

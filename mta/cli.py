@@ -13,9 +13,11 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from mta import __version__, config, control
+from mta.clock import SystemClock
 from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
 from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
@@ -110,6 +112,42 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_config(args: argparse.Namespace) -> config.Config:
+    """The policy with the command line's overrides (resolver, CA file, port)."""
+    cfg = _load(args)
+    if args.resolver:
+        try:
+            resolver = config.parse_resolver(args.resolver)
+        except ValueError as err:
+            raise ConfigError("--resolver", "dns.resolvers", str(err)) from None
+        cfg = replace(cfg, dns=replace(cfg.dns, resolvers=(resolver,)))
+    if args.ca_file:
+        cfg = replace(cfg, tls=replace(cfg.tls, ca_file=Path(args.ca_file).absolute()))
+    if args.port:
+        cfg = replace(cfg, outbound=replace(cfg.outbound, port=args.port))
+    return cfg
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mta import app, check  # imported here: they pull in the network stack
+
+    cfg = _check_config(args)
+    setup_logging("ERROR" if args.json else "WARNING", cfg.log.format)
+
+    async def run() -> check.Report:
+        destinations = app.build_destinations(cfg, SystemClock())
+        try:
+            return await check.check_domain(
+                cfg, destinations.resolver, args.domain, connect=args.connect
+            )
+        finally:
+            await destinations.close()
+
+    report = asyncio.run(run())
+    print(json.dumps(report.doc, indent=2) if args.json else check.render_text(report))
+    return EXIT_OK
+
+
 def cmd_policy_validate(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for name in args.files:
@@ -152,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user")
     passwd.add_argument("--file", help="password file (default: auth.password_file)")
     passwd.set_defaults(func=cmd_passwd)
+
+    chk = with_config(sub.add_parser("check", help="what will happen to mail for a domain"))
+    chk.add_argument("domain")
+    chk.add_argument("--resolver", metavar="IP[:PORT]", help="DNS resolver (default: the policy's)")
+    chk.add_argument("--ca-file", metavar="PEM", help="extra trust anchors (default: tls.ca_file)")
+    chk.add_argument("--port", type=int, help="SMTP port for MX hosts (default: outbound.port)")
+    chk.add_argument("--connect", action="store_true", help="connect, STARTTLS and verify each MX")
+    chk.add_argument("--json", action="store_true", help="one JSON object")
+    chk.set_defaults(func=cmd_check)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="action", required=True

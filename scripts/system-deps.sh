@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Debian packages the integration tests drive as real peers: swaks (SMTP client) and openssl.
+# Debian packages the integration tests drive as real peers: swaks (SMTP client), openssl,
+# and for DANE a DNSSEC lab: knot (authoritative), unbound (validating resolver) and
+# ldnsutils (zone signing). Installed when missing; the tests fail, not skip, without them.
 set -euo pipefail
 need=()
-command -v swaks >/dev/null || need+=(swaks)
-command -v openssl >/dev/null || need+=(openssl)
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+have swaks || need+=(swaks)
+have openssl || need+=(openssl)
+have knotd || need+=(knot)
+have unbound || need+=(unbound)
+have ldns-signzone || need+=(ldnsutils)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "system-deps: please install: ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -12,3 +18,7 @@ fi
 echo "system-deps: installing ${need[*]}" >&2
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+# The Debian packages start system-wide daemons we do not use (the tests run their own).
+for unit in knot unbound; do
+    systemctl disable --now "$unit" >/dev/null 2>&1 || service "$unit" stop >/dev/null 2>&1 || true
+done

@@ -1,17 +1,13 @@
-"""One delivery attempt for the recipients of one domain: route, look up, try hosts in order.
+"""One delivery attempt for the recipients of one domain: decide, then try hosts in order.
 
-Where mail goes: a configured route (``config.route_for``) names a next hop, looked up
-by MX unless it is ``[host]`` or an IP; otherwise the recipient domain's MX hosts, lowest
-preference first (``policy.mx``), on ``outbound.port``. Each host's addresses (A, then
-AAAA) are tried in turn; the first session that gets through a mail transaction decides
-every recipient. A host that fails before that (refused, lost, 4xx, TLS not as
-required) only moves us on to the next address.
-
-The DNS answer decides when no session does (Postfix's replies): a null MX bounces with
-``556 5.1.10``, a name that does not exist (or has no address) with ``550 5.4.4``; a
-DNS timeout or SERVFAIL defers with ``451 4.4.3``. When every address fails, all
-recipients are deferred with the last failure (``451 4.4.1`` for connections, ``451
-4.7.5`` with its RFC 8460 reason for TLS).
+``policy.resolver.DestinationResolver`` says where the domain's mail may go and what each
+host must prove; this module only walks that plan: each candidate host's addresses in
+turn, the first session that gets through a mail transaction deciding every recipient.
+A host that fails before that (refused, lost, 4xx, TLS not as required, refused by the
+policy) only moves us on to the next. A DNS answer that decides by itself (null MX,
+no such domain, a failed lookup) ends the attempt without connecting. When every host
+fails, all recipients are deferred with the last failure (``451 4.4.1`` for connections,
+``451 4.7.5`` with its RFC 8460 reason for TLS): deferral, never a downgrade.
 
 This is also the supervision boundary of STYLE.md A.1: whatever goes wrong inside one
 attempt becomes a deferral of this message, logged, and never reaches the scheduler.
@@ -20,12 +16,11 @@ One ``deliver.result`` line is logged per attempt.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from pathlib import Path
+from typing import Final
 
 from mta.config import Config
 from mta.deliver.session import (
@@ -37,28 +32,19 @@ from mta.deliver.session import (
     Transaction,
     deliver_session,
 )
-from mta.deliver.tlsclient import client_context, secure_host_ok
+from mta.deliver.tlsclient import client_context
 from mta.errors import MtaError
 from mta.log import redact
-from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult, TlsLevel
-from mta.policy.dns import AddressesFound, AddressLookup, DnsTempFail, MxLookup, NoDomain, NullMx
-from mta.policy.mx import hosts_for
+from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult
+from mta.policy.dns import DnsTempFail, NoDomain
+from mta.policy.resolver import DestinationResolver, DomainPlan, HostPlan
 from mta.reply import SmtpReply
 
 log = logging.getLogger(__name__)
 
-MAX_MX_HOSTS: Final = 10  # MX hosts looked up per attempt
 MAX_ADDRESSES: Final = 5  # connections per attempt (Postfix's smtp_mx_address_limit)
 
 SessionRunner = Callable[[Target, Transaction], Awaitable[SessionOutcome]]
-
-
-class DnsLookup(Protocol):
-    """What the agent needs from DNS (``mta.policy.dns.DnsClient``; fakes in tests)."""
-
-    async def mx(self, domain: str) -> MxLookup: ...
-
-    async def addresses(self, host: str) -> AddressLookup: ...
 
 
 def _all(
@@ -67,13 +53,59 @@ def _all(
     return tuple(RecipientResult(rcpt, outcome, reply, reason) for rcpt in rcpts)
 
 
+def session_settings(config: Config) -> SessionSettings:
+    """HELO name and timeouts from ``outbound.*`` (shared with ``mta check --connect``)."""
+    return SessionSettings(
+        helo=config.outbound.helo_name or config.hostname or None,
+        connect_timeout=config.outbound.connect_timeout,
+        command_timeout=config.outbound.command_timeout,
+    )
+
+
+class TlsContexts:
+    """One client context per client identity (none, or a domain policy's certificate)."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[Path | None, Path | None], ssl.SSLContext] = {}
+
+    def for_target(self, target: Target) -> ssl.SSLContext:
+        key = (target.client_cert, target.client_key)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = client_context(*key)
+        return context
+
+
+def targets(plan: DomainPlan, host: HostPlan) -> list[Target]:
+    """The connections to make for one host (shared with ``mta check --connect``)."""
+    assert host.requirement is not None
+    local = plan.policy.local
+    return [
+        Target(
+            address,
+            plan.port,
+            host.host,
+            host.requirement,
+            local.client_cert if local else None,
+            local.client_key if local else None,
+        )
+        for address in host.addresses
+    ]
+
+
+def refusal_failure(host: HostPlan) -> HostFailed:
+    """A host the policy will not send to, as a host failure (defer, with the reason)."""
+    assert host.refusal is not None
+    reply = SmtpReply(451, "4.7.5", f"{host.host}: {host.refusal}")
+    return HostFailed(reply, host.refusal.reason)
+
+
 class DeliveryAgent:
     """Delivers one domain's recipients of one message per call.
 
     Parameters:
-        config: the relay configuration (routes, ``outbound.*``, ``tls.ca_file``).
-        dns: MX and address lookups.
-        rand: shuffles MX hosts of equal preference.
+        config: the relay configuration (``outbound.*``).
+        destinations: the policy decisions (``policy.resolver.DestinationResolver``).
         session: runs one SMTP session (default: ``session.deliver_session``); tests
             inject a fake to drive the host iteration without sockets.
     """
@@ -81,20 +113,13 @@ class DeliveryAgent:
     def __init__(
         self,
         config: Config,
-        dns: DnsLookup,
-        rand: random.Random,
+        destinations: DestinationResolver,
         *,
         session: SessionRunner | None = None,
     ) -> None:
-        self._config = config
-        self._dns = dns
-        self._rand = rand
-        self._settings = SessionSettings(
-            helo=config.outbound.helo_name or config.hostname or None,
-            connect_timeout=config.outbound.connect_timeout,
-            command_timeout=config.outbound.command_timeout,
-        )
-        self._contexts: dict[TlsLevel, ssl.SSLContext] = {}
+        self._destinations = destinations
+        self._settings = session_settings(config)
+        self._contexts = TlsContexts()
         self._session: SessionRunner = session or self._smtp_session
 
     async def deliver(
@@ -110,10 +135,12 @@ class DeliveryAgent:
         Never raises for a per-message problem: every recipient gets a result.
         """
         rcpts = tuple(rcpts)
-        level = self._config.outbound.default_level
         txn = Transaction(envelope.mail_from, rcpts, content, envelope.smtputf8, envelope.body_8bit)
+        policy = "-"
         try:
-            result = await self._attempt(qid, domain, level, txn)
+            plan = await self._destinations.domain(domain)
+            policy = f"{plan.policy.source.value}/{plan.policy.level.label}"
+            result = await self._attempt(qid, plan, txn)
         except MtaError as err:
             log.warning("deliver.failed", extra={"qid": qid, "domain": domain, "error": str(err)})
             reply = SmtpReply(err.reply.code, err.reply.enhanced, str(err) or err.reply.text)
@@ -123,89 +150,41 @@ class DeliveryAgent:
             log.exception("deliver.error", extra={"qid": qid, "domain": domain})
             reply = SmtpReply(451, "4.3.0", "Local error in processing")
             result = DeliveryResult(domain, _all(rcpts, Outcome.DEFERRED, reply))
-        _log_result(qid, level, result)
+        _log_result(qid, policy, result)
         return result
 
-    def _context(self, level: TlsLevel) -> ssl.SSLContext:
-        context = self._contexts.get(level)
-        if context is None:
-            context = client_context(level, self._config.tls.ca_file)
-            self._contexts[level] = context
-        return context
-
     async def _smtp_session(self, target: Target, txn: Transaction) -> SessionOutcome:
-        return await deliver_session(target, txn, self._settings, self._context(target.level))
+        return await deliver_session(target, txn, self._settings, self._contexts.for_target(target))
 
-    async def _attempt(
-        self, qid: QueueId, domain: str, level: TlsLevel, txn: Transaction
-    ) -> DeliveryResult:
-        self._context(level)  # a level we cannot enforce defers before any connection
-        route = self._config.route_for(domain)
-        port = self._config.outbound.port
-        nexthop, mx_lookup = domain, True
-        if route is not None:
-            nexthop, mx_lookup = route.nexthop.host, route.nexthop.mx_lookup
-            port = route.nexthop.port or port
-
-        if mx_lookup:
-            found = await self._dns.mx(nexthop)
-            if isinstance(found, NullMx):
-                reply = SmtpReply(556, "5.1.10", f"Domain {nexthop} does not accept mail (null MX)")
-                return DeliveryResult(domain, _all(txn.rcpts, Outcome.BOUNCED, reply))
-            if isinstance(found, NoDomain):
-                reply = SmtpReply(550, "5.4.4", f"Host or domain name not found: {found.reason}")
-                return DeliveryResult(domain, _all(txn.rcpts, Outcome.BOUNCED, reply))
-            if isinstance(found, DnsTempFail):
-                reply = SmtpReply(
-                    451, "4.4.3", f"Host or domain name lookup failed: {found.reason}"
-                )
-                return DeliveryResult(domain, _all(txn.rcpts, Outcome.DEFERRED, reply))
-            hosts = hosts_for(nexthop, found.records, self._rand)
-        else:
-            hosts = [nexthop]
+    async def _attempt(self, qid: QueueId, plan: DomainPlan, txn: Transaction) -> DeliveryResult:
+        domain = plan.domain
+        if plan.terminal is not None:
+            end = plan.terminal
+            return DeliveryResult(domain, _all(txn.rcpts, end.outcome, end.reply, end.reason))
 
         last: HostFailed | None = None
         last_host: str | None = None
         dns_failure: DnsTempFail | NoDomain | None = None
         tried = 0
-        for host in hosts[:MAX_MX_HOSTS]:
+        for name in plan.hosts:
             if tried >= MAX_ADDRESSES:
                 break
-            if level is TlsLevel.SECURE and not secure_host_ok(host, nexthop):
-                last, last_host = (
-                    HostFailed(
-                        SmtpReply(
-                            451,
-                            "4.7.5",
-                            f"MX host {host} is not {nexthop} or within it (level secure)",
-                        ),
-                        "certificate-host-mismatch",
-                    ),
-                    host,
-                )
-                continue
-            addresses = AddressesFound((host,)) if _is_ip(host) else await self._dns.addresses(host)
-            if isinstance(addresses, NoDomain | DnsTempFail):
+            host = await self._destinations.host(plan, name)
+            if host.dns_failure is not None:
                 if not isinstance(dns_failure, DnsTempFail):
-                    dns_failure = addresses
+                    dns_failure = host.dns_failure
                 continue
-            for address in addresses.addresses[: MAX_ADDRESSES - tried]:
+            if host.refusal is not None:
+                last, last_host = refusal_failure(host), name
+                _log_host_failure(qid, domain, name, "-", last)
+                continue
+            for target in targets(plan, host)[: MAX_ADDRESSES - tried]:
                 tried += 1
-                outcome = await self._session(Target(address, port, host, level), txn)
+                outcome = await self._session(target, txn)
                 if isinstance(outcome, Transacted):
-                    return DeliveryResult(domain, outcome.results, mx=host, tls=outcome.tls)
-                last, last_host = outcome, host
-                log.info(
-                    "deliver.host.failed",
-                    extra={
-                        "qid": qid,
-                        "domain": domain,
-                        "mx": host,
-                        "address": address,
-                        "reply": f"{outcome.reply.code} {outcome.reply.enhanced}",
-                        "reason": outcome.reason or "-",
-                    },
-                )
+                    return DeliveryResult(domain, outcome.results, mx=name, tls=outcome.tls)
+                last, last_host = outcome, name
+                _log_host_failure(qid, domain, name, target.address, outcome)
 
         if last is not None:
             results = _all(txn.rcpts, Outcome.DEFERRED, last.reply, last.reason)
@@ -213,20 +192,26 @@ class DeliveryAgent:
         if isinstance(dns_failure, NoDomain):
             reply = SmtpReply(550, "5.4.4", f"Host or domain name not found: {dns_failure.reason}")
             return DeliveryResult(domain, _all(txn.rcpts, Outcome.BOUNCED, reply))
-        detail = dns_failure.reason if dns_failure is not None else f"no host for {nexthop}"
+        detail = dns_failure.reason if dns_failure is not None else f"no host for {plan.nexthop}"
         reply = SmtpReply(451, "4.4.3", f"Host or domain name lookup failed: {detail}")
         return DeliveryResult(domain, _all(txn.rcpts, Outcome.DEFERRED, reply))
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def _log_host_failure(qid: QueueId, domain: str, mx: str, address: str, failed: HostFailed) -> None:
+    log.info(
+        "deliver.host.failed",
+        extra={
+            "qid": qid,
+            "domain": domain,
+            "mx": mx,
+            "address": address,
+            "reply": f"{failed.reply.code} {failed.reply.enhanced}",
+            "reason": failed.reason or "-",
+        },
+    )
 
 
-def _log_result(qid: QueueId, level: TlsLevel, result: DeliveryResult) -> None:
+def _log_result(qid: QueueId, policy: str, result: DeliveryResult) -> None:
     counts = dict.fromkeys(Outcome, 0)
     for rcpt in result.results:
         counts[rcpt.outcome] += 1
@@ -238,9 +223,10 @@ def _log_result(qid: QueueId, level: TlsLevel, result: DeliveryResult) -> None:
             "qid": qid,
             "domain": result.domain,
             "mx": result.mx or "-",
-            "level": level.label,
+            "policy": policy,
             "tls": result.tls.version if result.tls else "none",
             "cipher": result.tls.cipher if result.tls else "-",
+            "verified": bool(result.tls and result.tls.peer_verified),
             "sent": counts[Outcome.SENT],
             "deferred": counts[Outcome.DEFERRED],
             "bounced": counts[Outcome.BOUNCED],

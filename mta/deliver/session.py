@@ -13,8 +13,11 @@ translated here, once, into a typed ``SessionOutcome``:
 
 TLS (RFC 3207): STARTTLS is required at every level but ``may``; a host that does not
 offer it fails with ``starttls-not-supported``. After the handshake, a session without
-forward secrecy is refused (``no-forward-secrecy``), then EHLO is sent again because
-everything learned before TLS is forgotten. At ``may`` a failed handshake is retried
+forward secrecy is refused (``no-forward-secrecy``); then the presented chain is checked
+against the host's requirement (DANE, PKIX or pinned fingerprints, ``deliver.verify``)
+before a single command is sent over it; then EHLO is sent again because everything
+learned before TLS is forgotten. An MTA-STS ``testing`` requirement only logs a failed
+check (``deliver.tls.report_only``) and goes on. At ``may`` a failed handshake is retried
 once in plaintext on a new connection, as Postfix does; every other level defers
 instead (never downgrade). aiosmtplib dot-stuffs and turns bare CR/LF into CRLF.
 """
@@ -28,12 +31,17 @@ import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import aiosmtplib
 
-from mta.deliver.tlsclient import PKIX_LEVELS, classify_tls_error
+from mta.deliver.tlschain import peer_chain
+from mta.deliver.tlsclient import classify_tls_error
+from mta.deliver.verify import VerifyResult, verify_peer
 from mta.model import Outcome, RecipientResult, TlsInfo, TlsLevel
+from mta.policy.decide import HostRequirement
 from mta.reply import SmtpReply
 from mta.tlsbase import is_forward_secret
 
@@ -46,16 +54,22 @@ _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where to connect and what to check.
+    """Where to connect and what the peer must prove there.
 
-    ``mx`` is the host name the address belongs to: it is sent as SNI and, at
-    ``verify``/``secure``, the name the certificate must carry.
+    ``mx`` is the host name the address belongs to; the requirement says the TLS level,
+    the SNI name and the check on the presented chain.
     """
 
     address: str
     port: int
     mx: str
-    level: TlsLevel
+    requirement: HostRequirement
+    client_cert: Path | None = None  # what we present for mutual TLS (a domain policy's)
+    client_key: Path | None = None
+
+    @property
+    def level(self) -> TlsLevel:
+        return self.requirement.level
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +107,15 @@ class HostFailed:
     reply: SmtpReply
     reason: str | None = None
     tls: TlsInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """``mta check --connect``: the handshake happened and the check ran; no mail was sent."""
+
+    tls: TlsInfo | None
+    chain: tuple[bytes, ...]
+    verify: VerifyResult | None
 
 
 SessionOutcome = Transacted | HostFailed
@@ -138,17 +161,37 @@ async def deliver_session(
         context: the client TLS context for ``target.level`` (``tlsclient.client_context``).
     """
     outcome = await _Session(target, txn, settings, context, use_tls=True).run()
-    if (
+    if _fall_back_to_plaintext(target, outcome):
+        outcome = await _Session(target, txn, settings, context, use_tls=False).run()
+    assert not isinstance(outcome, Probed)
+    return outcome
+
+
+async def probe_session(
+    target: Target, settings: SessionSettings, context: ssl.SSLContext
+) -> Probed | HostFailed:
+    """Connect, STARTTLS and check the peer exactly as delivery would, then QUIT."""
+    outcome = await _Session(target, None, settings, context, use_tls=True).run()
+    if _fall_back_to_plaintext(target, outcome):
+        outcome = await _Session(target, None, settings, context, use_tls=False).run()
+    assert not isinstance(outcome, Transacted)
+    return outcome
+
+
+def _fall_back_to_plaintext(target: Target, outcome: object) -> bool:
+    """Only at ``may`` does a TLS failure lead to a plaintext retry (as Postfix does)."""
+    fall_back = (
         target.level is TlsLevel.MAY
         and isinstance(outcome, HostFailed)
         and outcome.reason is not None
-    ):
+    )
+    if fall_back:
+        assert isinstance(outcome, HostFailed)
         log.info(
             "deliver.tls.fallback",
             extra={"mx": target.mx, "address": target.address, "reason": outcome.reason},
         )
-        outcome = await _Session(target, txn, settings, context, use_tls=False).run()
-    return outcome
+    return fall_back
 
 
 class _Session:
@@ -157,7 +200,7 @@ class _Session:
     def __init__(
         self,
         target: Target,
-        txn: Transaction,
+        txn: Transaction | None,
         settings: SessionSettings,
         context: ssl.SSLContext,
         *,
@@ -167,6 +210,8 @@ class _Session:
         self.use_tls = use_tls
         self.stage = "connect"
         self.tls: TlsInfo | None = None
+        self.chain: tuple[bytes, ...] = ()
+        self.verified: VerifyResult | None = None
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
         self.where = f"{target.mx}[{target.address}]:{target.port}"
         self.smtp = aiosmtplib.SMTP(
@@ -188,7 +233,7 @@ class _Session:
             return self.failed(reply.code, reply.enhanced, text)
         return self.failed(451, "4.4.0", text)
 
-    async def run(self) -> SessionOutcome:
+    async def run(self) -> SessionOutcome | Probed:
         try:
             outcome = await self._converse()
         except aiosmtplib.SMTPTimeoutError:
@@ -207,7 +252,7 @@ class _Session:
                 self.raw.close()
         return outcome
 
-    async def _converse(self) -> SessionOutcome:
+    async def _converse(self) -> SessionOutcome | Probed:
         failure = await self._connect()
         if failure is None:
             failure = await self._hello()
@@ -215,7 +260,11 @@ class _Session:
             failure = await self._starttls()
         if failure is not None:
             return failure
-        outcome = await self._transaction()
+        outcome: SessionOutcome | Probed
+        if self.txn is None:
+            outcome = Probed(self.tls, self.chain, self.verified)
+        else:
+            outcome = await self._transaction(self.txn)
         self.stage = "quit"
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await self.smtp.quit(timeout=self.settings.connect_timeout)
@@ -265,7 +314,9 @@ class _Session:
             )
         self.stage = "STARTTLS"
         try:
-            await self.smtp.starttls(tls_context=self.context, server_hostname=self.target.mx)
+            await self.smtp.starttls(
+                tls_context=self.context, server_hostname=self.target.requirement.sni
+            )
         except ssl.SSLError as err:
             reason = classify_tls_error(err)
             detail = getattr(err, "verify_message", None) or getattr(err, "reason", None) or err
@@ -294,11 +345,7 @@ class _Session:
             version = ssl_object.version()
             negotiated = ssl_object.cipher()
             cipher = negotiated[0] if negotiated else None
-        self.tls = TlsInfo(
-            version or "unknown",
-            cipher or "unknown",
-            peer_verified=self.target.level in PKIX_LEVELS,
-        )
+        self.tls = TlsInfo(version or "unknown", cipher or "unknown")
         if not is_forward_secret(version, cipher):
             return self.failed(
                 451,
@@ -306,12 +353,47 @@ class _Session:
                 f"TLS with {self.where} has no forward secrecy: {version} {cipher}",
                 "no-forward-secrecy",
             )
+        failure = self._check_peer(ssl_object)
+        if failure is not None:
+            return failure
         self.stage = "EHLO after STARTTLS"
         await self.smtp.ehlo()  # RFC 3207 §4.2: forget what was learned before TLS
         return None
 
-    async def _transaction(self) -> SessionOutcome:
-        txn, smtp = self.txn, self.smtp
+    def _check_peer(self, ssl_object: object) -> HostFailed | None:
+        """Check the presented chain against the requirement before anything is sent over it."""
+        requirement = self.target.requirement
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            self.chain = tuple(peer_chain(ssl_object))
+        result = verify_peer(requirement.check, self.chain, datetime.now(UTC))
+        self.verified = result
+        assert self.tls is not None
+        self.tls = TlsInfo(
+            self.tls.version,
+            self.tls.cipher,
+            peer_verified=result.ok and requirement.check.kind != "none",
+        )
+        if result.ok:
+            return None
+        if requirement.report_only:
+            log.warning(
+                "deliver.tls.report_only",
+                extra={
+                    "mx": self.target.mx,
+                    "reason": result.reason,
+                    "source": requirement.source.value,
+                },
+            )
+            return None
+        return self.failed(
+            451,
+            "4.7.5",
+            f"TLS peer {self.where} failed {requirement.check.kind} check: {result.detail}",
+            result.reason or "validation-failure",
+        )
+
+    async def _transaction(self, txn: Transaction) -> SessionOutcome:
+        smtp = self.smtp
         options: list[str] = []
         encoding = "ascii"
         if smtp.supports_extension("size"):

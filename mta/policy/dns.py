@@ -1,13 +1,22 @@
-"""DNS lookups for delivery (MX, A, AAAA) on dnspython's asyncio resolver, as typed results.
+"""DNS lookups for delivery (MX, A, AAAA, TLSA, TXT) on dnspython's asyncio resolver.
 
 This is the I/O edge for DNS: every dnspython exception is translated here, once, into
-one of the result types below, and nothing above this module sees ``dns.*`` errors.
+one of the typed results below, and nothing above this module sees ``dns.*`` errors.
 Absent and temporarily unknown are different results (STYLE.md C.3): NXDOMAIN is
 ``NoDomain`` (bounce), a timeout or SERVFAIL is ``DnsTempFail`` (defer), NODATA for MX
 is ``MxHosts(())`` (the implicit MX of RFC 5321 §5.1).
 
 dnspython does not validate DNSSEC and does not read /etc/hosts: with no resolvers
-configured it uses the system's resolv.conf nameservers.
+configured it uses the system's resolv.conf nameservers. DNSSEC status comes from the
+resolver: every query sets DO and AD, and an answer (or a denial) is ``secure`` when
+the response carries AD. That means something only when the resolver validates and
+the path to it cannot be tampered with: ``resolver_is_trusted`` says when (loopback,
+or marked trusted by the operator). A bogus answer reaches us as SERVFAIL, hence
+``DnsTempFail``, never as "no records" (RFC 7672 §2.2).
+
+``tlsa_for_host`` is RFC 7672 §2.2.2: TLSA records count only when the host's address
+records are secure, and for a CNAME'd host they are looked up at the fully expanded
+name first, then at the original one.
 """
 
 from __future__ import annotations
@@ -20,24 +29,37 @@ from typing import Final
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdata
 import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
+from dns.rdtypes.ANY.TLSA import TLSA
+from dns.rdtypes.ANY.TXT import TXT
 
 from mta.config import Resolver
 from mta.errors import ConfigError
+from mta.policy.dane import TlsaRecord, is_usable
+from mta.policy.decide import TlsaFacts, TlsaStatus
 from mta.policy.mx import MxRecord, is_null_mx, normalise_host
 
 _PER_TRY_TIMEOUT: Final = 2.0  # one query to one nameserver; the lifetime bounds the whole
+_EDNS_PAYLOAD: Final = 1232  # DNS flag day 2020: no IP fragmentation; larger answers go TCP
+MAX_CNAME_CHAIN: Final = 8  # CNAMEs followed for one name; dnspython itself stops at 16
 
 
 @dataclass(frozen=True, slots=True)
 class MxHosts:
-    """The domain's MX RRset; empty when the domain exists but has no MX (implicit MX)."""
+    """The domain's MX RRset; empty when the domain exists but has no MX (implicit MX).
+
+    ``secure``: the resolver validated the RRset (or the denial) with DNSSEC (AD bit).
+    """
 
     records: tuple[MxRecord, ...]
+    secure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +69,13 @@ class NullMx:
 
 @dataclass(frozen=True, slots=True)
 class NoDomain:
-    """The name does not exist (NXDOMAIN), has no address, or is not a valid name."""
+    """The name does not exist (NXDOMAIN), has no such records (NODATA), or is not valid.
+
+    ``secure``: the denial itself was DNSSEC-validated (AD bit on the NXDOMAIN/NODATA).
+    """
 
     reason: str
+    secure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,22 +87,73 @@ class DnsTempFail:
 
 @dataclass(frozen=True, slots=True)
 class AddressesFound:
-    """IP addresses of a host, IPv4 first, then IPv6."""
+    """IP addresses of a host, IPv4 first, then IPv6.
+
+    ``secure``: every address RRset found was DNSSEC-validated (AD bit), CNAMEs included.
+    ``canonical``: the name after CNAME expansion when the host is an alias, else empty.
+    """
 
     addresses: tuple[str, ...]
+    secure: bool = False
+    canonical: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaAnswer:
+    """The TLSA RRset at ``name`` (``_25._tcp.<host>``), usable records or not."""
+
+    records: tuple[TlsaRecord, ...]
+    secure: bool
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TxtAnswer:
+    """A TXT RRset: one string per record, its character-strings joined."""
+
+    strings: tuple[str, ...]
 
 
 MxLookup = MxHosts | NullMx | NoDomain | DnsTempFail
 AddressLookup = AddressesFound | NoDomain | DnsTempFail
+TlsaLookup = TlsaAnswer | NoDomain | DnsTempFail
+TxtLookup = TxtAnswer | NoDomain | DnsTempFail
+
+
+@dataclass(frozen=True, slots=True)
+class _RRset:
+    """A positive answer: the records, their DNSSEC status, the CNAME-expanded owner."""
+
+    rdatas: tuple[dns.rdata.Rdata, ...]
+    secure: bool
+    canonical: str
 
 
 @dataclass(frozen=True, slots=True)
 class _NoData:
     """The name exists but has no records of the asked type."""
 
+    secure: bool = False
+
+
+def resolver_is_trusted(resolvers: Sequence[Resolver], trusted: bool) -> bool:
+    """Whether the AD bit of these resolvers may be believed (DESIGN.md, DNSSEC).
+
+    Only a validating resolver on loopback (127.0.0.0/8, ::1) is reached over a path
+    no one else can tamper with; any other must be marked trusted by the operator.
+    No resolvers at all (an unknown system configuration) is not trusted unless marked.
+
+    Parameters:
+        resolvers: the nameservers queried (``DnsClient.resolvers``).
+        trusted: the operator's explicit "trust this resolver" setting.
+    """
+    if trusted:
+        return True
+    return bool(resolvers) and all(_is_loopback(r.host) for r in resolvers)
+
 
 class DnsClient:
-    """MX and address lookups through the configured resolvers (or the system's).
+    """MX, address, TLSA and TXT lookups through the configured resolvers (or the system's).
 
     Parameters:
         resolvers: nameservers to ask, in order; empty means the system configuration.
@@ -101,7 +178,24 @@ class DnsClient:
         resolver.lifetime = timeout
         resolver.timeout = min(_PER_TRY_TIMEOUT, timeout)
         resolver.cache = None
+        # DO: we want the DNSSEC status; AD: tell us it (RFC 6840 §5.7), even without RRSIGs.
+        resolver.use_edns(0, dns.flags.DO, _EDNS_PAYLOAD)
+        resolver.flags = dns.flags.RD | dns.flags.AD
         self._resolver = resolver
+
+    @property
+    def resolvers(self) -> tuple[Resolver, ...]:
+        """The nameservers actually queried (the system's when none were configured)."""
+        found: list[Resolver] = []
+        for server in self._resolver.nameservers:
+            if isinstance(server, dns.nameserver.AddressAndPortNameserver):
+                found.append(Resolver(server.address, server.port))
+            elif isinstance(server, str) and _is_ip(server):
+                port = self._resolver.nameserver_ports.get(server, self._resolver.port)
+                found.append(Resolver(server, port))
+            else:  # DoH URL or unknown: never loopback, so never trusted implicitly
+                found.append(Resolver(str(server), 0))
+        return tuple(found)
 
     async def mx(self, domain: str) -> MxLookup:
         """The MX RRset of ``domain`` (RFC 7505 null MX recognised)."""
@@ -109,15 +203,15 @@ class DnsClient:
         if isinstance(answer, NoDomain | DnsTempFail):
             return answer
         if isinstance(answer, _NoData):
-            return MxHosts(())
+            return MxHosts((), secure=answer.secure)
         records = tuple(
             MxRecord(rdata.preference, normalise_host(rdata.exchange.to_text()))
-            for rdata in answer
+            for rdata in answer.rdatas
             if isinstance(rdata, MX)
         )
         if is_null_mx(records):
             return NullMx()
-        return MxHosts(records)
+        return MxHosts(records, secure=answer.secure)
 
     async def addresses(self, host: str) -> AddressLookup:
         """The A then AAAA addresses of ``host``; an IP literal is returned as is."""
@@ -126,23 +220,94 @@ class DnsClient:
         results = await asyncio.gather(
             self._query(host, dns.rdatatype.A), self._query(host, dns.rdatatype.AAAA)
         )
-        found: list[str] = []
-        for answer in results:
-            if isinstance(answer, list):
-                found += [str(rdata) for rdata in answer]
+        positive = [answer for answer in results if isinstance(answer, _RRset)]
+        found = [str(rdata) for answer in positive for rdata in answer.rdatas]
         if found:
-            return AddressesFound(tuple(dict.fromkeys(found)))
+            canonical = positive[0].canonical
+            return AddressesFound(
+                tuple(dict.fromkeys(found)),
+                secure=all(answer.secure for answer in positive),
+                canonical=canonical if canonical != normalise_host(host) else "",
+            )
         for answer in results:
             if isinstance(answer, DnsTempFail):
                 return answer
+        secure = all(isinstance(a, _NoData | NoDomain) and a.secure for a in results)
         for answer in results:
             if isinstance(answer, NoDomain):
-                return answer
-        return NoDomain(f"{host} has no A or AAAA record")
+                return NoDomain(answer.reason, secure=secure)
+        return NoDomain(f"{host} has no A or AAAA record", secure=secure)
+
+    async def tlsa(self, host: str, port: int = 25) -> TlsaLookup:
+        """The TLSA RRset of ``_<port>._tcp.<host>`` (RFC 6698 §3), with its DNSSEC status.
+
+        A bogus RRset is SERVFAIL at a validating resolver, so ``DnsTempFail``: never
+        mistake it for "no records" (RFC 7672 §2.2).
+        """
+        name = f"_{port}._tcp.{normalise_host(host)}"
+        answer = await self._query(name, dns.rdatatype.TLSA)
+        if isinstance(answer, NoDomain | DnsTempFail):
+            return answer
+        if isinstance(answer, _NoData):
+            return NoDomain(f"{name}: no TLSA records (NODATA)", secure=answer.secure)
+        records = tuple(
+            TlsaRecord(rdata.usage, rdata.selector, rdata.mtype, rdata.cert)
+            for rdata in answer.rdatas
+            if isinstance(rdata, TLSA)
+        )
+        return TlsaAnswer(records, secure=answer.secure, name=name)
+
+    async def tlsa_for_host(self, host: str, port: int = 25) -> TlsaFacts:
+        """What DANE may use for ``host`` (RFC 7672 §2.2.2), as ``decide`` wants it.
+
+        The host's address records decide first: insecure -> ``INSECURE`` (no TLSA
+        lookup); lookup failure -> ``FAILED``. With secure addresses, TLSA is looked up
+        at the CNAME-expanded name, then (if that gives no secure records) at ``host``;
+        ``base`` is where the records were found. A failed lookup at either name is
+        ``FAILED``: an attacker must not turn a bogus answer into "no DANE".
+        """
+        host = normalise_host(host)
+        if _is_ip(host):
+            return TlsaFacts(TlsaStatus.INSECURE, detail=f"{host} is an address, not a name")
+        found = await self.addresses(host)
+        if isinstance(found, DnsTempFail):
+            return TlsaFacts(TlsaStatus.FAILED, base=host, detail=found.reason)
+        if isinstance(found, NoDomain):
+            status = TlsaStatus.ABSENT if found.secure else TlsaStatus.INSECURE
+            return TlsaFacts(status, detail=f"no address records: {found.reason}")
+        if not found.secure:
+            return TlsaFacts(
+                TlsaStatus.INSECURE, detail=f"address records of {host} are not DNSSEC-secure"
+            )
+        names = [found.canonical, host] if found.canonical else [host]
+        facts = TlsaFacts(TlsaStatus.ABSENT)
+        for base in names:
+            facts = _tlsa_facts(base, await self.tlsa(base, port))
+            if facts.status not in (TlsaStatus.ABSENT, TlsaStatus.INSECURE):
+                return facts
+        return facts
+
+    async def txt(self, name: str) -> TxtLookup:
+        """The TXT RRset of ``name``; each record's character-strings joined (RFC 7208 §3.3).
+
+        Bytes that are not UTF-8 become U+FFFD, which no parser of ours accepts.
+        """
+        answer = await self._query(name, dns.rdatatype.TXT)
+        if isinstance(answer, NoDomain | DnsTempFail):
+            return answer
+        if isinstance(answer, _NoData):
+            return NoDomain(f"{name}: no TXT records (NODATA)", secure=answer.secure)
+        return TxtAnswer(
+            tuple(
+                b"".join(rdata.strings).decode("utf-8", errors="replace")
+                for rdata in answer.rdatas
+                if isinstance(rdata, TXT)
+            )
+        )
 
     async def _query(
         self, name: str, rdtype: dns.rdatatype.RdataType
-    ) -> list[object] | _NoData | NoDomain | DnsTempFail:
+    ) -> _RRset | _NoData | NoDomain | DnsTempFail:
         """One query; dnspython's exceptions become results here and nowhere else."""
         kind = dns.rdatatype.to_text(rdtype)
         try:
@@ -151,17 +316,64 @@ class DnsClient:
             return NoDomain(f"invalid domain name {name!r}: {err}")
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            return NoDomain(f"{name}: host not found (NXDOMAIN, type={kind})")
-        except dns.resolver.NoAnswer:
-            return _NoData()
+        except dns.resolver.NXDOMAIN as err:
+            responses = _responses(err.kwargs.get("responses"))
+            secure = bool(responses) and all(_is_secure(r) for r in responses)
+            return NoDomain(f"{name}: host not found (NXDOMAIN, type={kind})", secure=secure)
+        except dns.resolver.NoAnswer as err:
+            response = err.kwargs.get("response")
+            return _NoData(isinstance(response, dns.message.Message) and _is_secure(response))
         except dns.resolver.NoNameservers:
             return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})")
         except dns.exception.Timeout:
             return DnsTempFail(f"{name}: DNS timeout (type={kind})")
         except dns.exception.DNSException as err:
             return DnsTempFail(f"{name}: DNS error (type={kind}): {err}")
-        return list(answer)
+        if len(answer.chaining_result.cnames) > MAX_CNAME_CHAIN:
+            return DnsTempFail(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type={kind})")
+        return _RRset(
+            tuple(answer),
+            secure=_is_secure(answer.response),
+            canonical=normalise_host(answer.canonical_name.to_text()),
+        )
+
+
+def _tlsa_facts(base: str, answer: TlsaLookup) -> TlsaFacts:
+    """One TLSA lookup at ``base`` as ``decide`` sees it (RFC 7672 §2.2, §3.1.3)."""
+    if isinstance(answer, DnsTempFail):
+        return TlsaFacts(TlsaStatus.FAILED, base=base, detail=answer.reason)
+    if isinstance(answer, NoDomain):
+        status = TlsaStatus.ABSENT if answer.secure else TlsaStatus.INSECURE
+        return TlsaFacts(status, base=base, detail=answer.reason)
+    if not answer.secure:
+        return TlsaFacts(TlsaStatus.INSECURE, base=base, detail=f"{answer.name}: not DNSSEC-secure")
+    usable = tuple(record for record in answer.records if is_usable(record))
+    if not usable:
+        detail = f"{answer.name}: {len(answer.records)} TLSA record(s), none usable"
+        return TlsaFacts(TlsaStatus.UNUSABLE, base=base, detail=detail)
+    return TlsaFacts(TlsaStatus.USABLE, usable, base=base, detail=f"{answer.name}: secure")
+
+
+def _responses(found: object) -> list[dns.message.Message]:
+    """The responses dnspython attached to an NXDOMAIN (a name -> message dict)."""
+    if not isinstance(found, dict):
+        return []
+    return [r for r in found.values() if isinstance(r, dns.message.Message)]
+
+
+def _is_secure(response: dns.message.Message) -> bool:
+    """The resolver vouches for the answer or denial (the AD bit, RFC 4035 §3.2.3)."""
+    return bool(response.flags & dns.flags.AD)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _is_ip(text: str) -> bool:

@@ -26,6 +26,7 @@ from mta.model import (
     TlsInfo,
     TlsLevel,
 )
+from mta.policy.decide import StsFacts, TlsaFacts
 from mta.policy.dns import (
     AddressesFound,
     AddressLookup,
@@ -35,7 +36,9 @@ from mta.policy.dns import (
     NoDomain,
     NullMx,
 )
+from mta.policy.mta_sts import StsMode, StsPolicy
 from mta.policy.mx import MxRecord
+from mta.policy.resolver import DestinationResolver
 from mta.reply import SmtpReply
 
 QID = QueueId("q1")
@@ -77,6 +80,9 @@ class FakeDns:
         self.asked.append(f"A {host}")
         return self._addresses.get(host, NoDomain(f"{host}: NXDOMAIN"))
 
+    async def tlsa_for_host(self, host: str, port: int = 25) -> TlsaFacts:
+        raise AssertionError("DANE is not trusted here: no TLSA lookups")
+
 
 class FakeSessions:
     """Answers by address; an address not listed delivers everything."""
@@ -97,10 +103,25 @@ class FakeSessions:
         return Transacted(results, tls)
 
 
+class FakeSts:
+    def __init__(self, facts: StsFacts) -> None:
+        self._facts = facts
+
+    async def facts(self, domain: str) -> StsFacts:
+        return self._facts
+
+
 def deliver(
-    cfg: Config, dns: FakeDns, sessions: FakeSessions, domain: str = "dest.test"
+    cfg: Config,
+    dns: FakeDns,
+    sessions: FakeSessions,
+    domain: str = "dest.test",
+    sts: FakeSts | None = None,
 ) -> DeliveryResult:
-    agent = DeliveryAgent(cfg, dns, random.Random(0), session=sessions)
+    destinations = DestinationResolver(
+        cfg, dns, sts, None, dane_trusted=False, rand=random.Random(0)
+    )
+    agent = DeliveryAgent(cfg, destinations, session=sessions)
     return asyncio.run(agent.deliver(QID, ENVELOPE, domain, RCPTS, b"Subject: x\r\n\r\nhi\r\n"))
 
 
@@ -242,7 +263,7 @@ def test_route_without_port_uses_outbound_port_and_mx_lookup_of_the_nexthop() ->
     ]
 
 
-def test_secure_skips_mx_hosts_outside_the_nexthop_domain() -> None:
+def test_secure_requires_pkix_names_of_the_domain() -> None:
     dns = FakeDns(
         mx={"dest.test": MxHosts((MxRecord(10, "mx.hoster.test"), MxRecord(20, "mx.dest.test")))},
         addresses={
@@ -253,33 +274,38 @@ def test_secure_skips_mx_hosts_outside_the_nexthop_domain() -> None:
     sessions = FakeSessions()
     result = deliver(config(level=TlsLevel.SECURE), dns, sessions)
     assert outcomes(result) == {Outcome.SENT}
-    assert [t.mx for t in sessions.targets] == ["mx.dest.test"]
-    assert "A mx.hoster.test" not in dns.asked
+    (target,) = sessions.targets
+    assert target.mx == "mx.hoster.test"
+    assert target.requirement.check.kind == "pkix"
+    assert "dest.test" in target.requirement.check.names
+    assert "mx.hoster.test" not in target.requirement.check.names  # not within dest.test
 
 
-def test_secure_with_only_foreign_mx_hosts_defers() -> None:
+def test_mta_sts_enforce_skips_hosts_outside_the_policy() -> None:
     dns = FakeDns(
-        mx={"dest.test": MxHosts((MxRecord(10, "mx.hoster.test"),))},
-        addresses={"mx.hoster.test": AddressesFound(("127.0.0.32",))},
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.evil.test"), MxRecord(20, "mx.dest.test")))},
+        addresses={
+            "mx.evil.test": AddressesFound(("127.0.0.34",)),
+            "mx.dest.test": AddressesFound(("127.0.0.35",)),
+        },
     )
+    policy = StsPolicy(StsMode.ENFORCE, ("*.dest.test",), 86400)
     sessions = FakeSessions()
-    result = deliver(config(level=TlsLevel.SECURE), dns, sessions)
+    result = deliver(config(), dns, sessions, sts=FakeSts(StsFacts(policy, "id1", "fresh")))
+    assert outcomes(result) == {Outcome.SENT}
+    assert [t.mx for t in sessions.targets] == ["mx.dest.test"]
+    assert sessions.targets[0].requirement.check.kind == "pkix"
+    assert "A mx.evil.test" not in dns.asked
+
+
+def test_mta_sts_enforce_with_no_matching_mx_defers() -> None:
+    dns = FakeDns(mx={"dest.test": MxHosts((MxRecord(10, "mx.evil.test"),))})
+    policy = StsPolicy(StsMode.ENFORCE, ("mx.dest.test",), 86400)
+    sessions = FakeSessions()
+    result = deliver(config(), dns, sessions, sts=FakeSts(StsFacts(policy, "id1", "fresh")))
     assert {(r.outcome, r.reply.enhanced, r.reason) for r in result.results} == {
-        (Outcome.DEFERRED, "4.7.5", "certificate-host-mismatch")
+        (Outcome.DEFERRED, "4.7.5", "validation-failure")
     }
-    assert sessions.targets == []
-
-
-@pytest.mark.parametrize("level", [TlsLevel.DANE, TlsLevel.DANE_ONLY, TlsLevel.FINGERPRINT])
-def test_unimplemented_levels_defer_before_any_lookup(level: TlsLevel) -> None:
-    dns = FakeDns(mx={"dest.test": MxHosts(())})
-    sessions = FakeSessions()
-    result = deliver(config(level=level), dns, sessions)
-    assert {(r.outcome, r.reply.code, r.reply.enhanced, r.reason) for r in result.results} == {
-        (Outcome.DEFERRED, 451, "4.7.5", "validation-failure")
-    }
-    assert "not implemented" in result.results[0].reply.text
-    assert dns.asked == []
     assert sessions.targets == []
 
 

@@ -54,9 +54,20 @@ class ReceivedMessage:
     tls_cipher: str | None
 
 
-def _server_context(mode: TlsMode, ca: trustme.CA, host: str) -> ssl.SSLContext:
+def _server_context(
+    mode: TlsMode,
+    ca: trustme.CA,
+    host: str,
+    cert: trustme.LeafCert | None = None,
+    client_ca: trustme.CA | None = None,
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    if mode == "non-fs":
+    if client_ca is not None:  # mutual TLS: no client certificate, no handshake
+        context.verify_mode = ssl.CERT_REQUIRED
+        client_ca.configure_trust(context)
+    if cert is not None:
+        harden(context)
+    elif mode == "non-fs":
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers(NON_FS_CIPHERS)
@@ -64,7 +75,7 @@ def _server_context(mode: TlsMode, ca: trustme.CA, host: str) -> ssl.SSLContext:
     else:
         harden(context)
         cert = ca.issue_cert(*CERT_NAMES, host)
-    cert.configure_cert(context)
+    cert.configure_cert(context)  # the whole chain: leaf, then any intermediates
     return context
 
 
@@ -154,6 +165,8 @@ class Receiver:
         tls: ``"fs"``, ``"none"``, ``"non-fs"`` or ``"implicit"`` (module docstring).
         ca: the CA that issues the server certificate (a fresh one when None).
         rcpt_reply: recipient address -> reply line to refuse it with.
+        cert: present this certificate chain instead of issuing one (policy scenarios).
+        client_ca: require a client certificate issued by this CA (mutual TLS).
     """
 
     def __init__(
@@ -164,6 +177,8 @@ class Receiver:
         tls: TlsMode = "fs",
         ca: trustme.CA | None = None,
         rcpt_reply: dict[str, str] | None = None,
+        cert: trustme.LeafCert | None = None,
+        client_ca: trustme.CA | None = None,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -178,7 +193,9 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._servers: list[SMTP] = []
-        self._context = None if tls == "none" else _server_context(tls, self.ca, host)
+        self._context = (
+            None if tls == "none" else _server_context(tls, self.ca, host, cert, client_ca)
+        )
 
     # --- lifecycle ---
 

@@ -7,7 +7,6 @@ Receivers listen on 127.0.0.50-59; MX hosts resolve there through TinyDns. Addre
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ from typing import Any
 import pytest
 import trustme
 
+from mta.app import build_destinations
+from mta.clock import SystemClock
 from mta.config import Config, validate
 from mta.deliver.agent import DeliveryAgent
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId
-from mta.policy.dns import DnsClient
 from mta.tlsbase import is_forward_secret
 from tests.integration.dnsserver import TinyDns, Zone
 from tests.integration.receivers import Receiver
@@ -84,7 +84,7 @@ def deliver(
     cfg: Config, domain: str, rcpts: tuple[str, ...], content: bytes = CONTENT
 ) -> DeliveryResult:
     async def attempt() -> DeliveryResult:
-        agent = DeliveryAgent(cfg, DnsClient(cfg.dns.resolvers, cfg.dns.timeout), random.Random(0))
+        agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
         envelope = Envelope(SENDER, rcpts, received_at=0.0)
         return await agent.deliver(QueueId("q1"), envelope, domain, rcpts, content)
 
@@ -365,7 +365,7 @@ def agent_attempt(
     cfg: Config, domain: str, rcpts: tuple[str, ...], *, smtputf8: bool = False
 ) -> Callable[[], Coroutine[Any, Any, DeliveryResult]]:
     async def attempt() -> DeliveryResult:
-        agent = DeliveryAgent(cfg, DnsClient(cfg.dns.resolvers, cfg.dns.timeout), random.Random(0))
+        agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
         envelope = Envelope(SENDER, rcpts, received_at=0.0, smtputf8=smtputf8)
         return await agent.deliver(QueueId("q2"), envelope, domain, rcpts, CONTENT)
 
