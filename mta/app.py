@@ -186,19 +186,16 @@ def _tls_contexts(
 ) -> tuple[Callable[[ListenerConfig], ssl.SSLContext], Path | None]:
     """One server context per listener; a self-signed certificate where none is configured."""
     created: Path | None = None
-    default: ssl.SSLContext | None = None
     contexts: dict[int, ssl.SSLContext] = {}
-    for index, listener in enumerate(config.listeners):
-        if listener.tls_cert is not None and listener.tls_key is not None:
-            contexts[index] = server_context(listener.tls_cert, listener.tls_key)
-            continue
-        if default is None:
+    for listener in config.listeners:
+        cert, key = listener.tls_cert, listener.tls_key
+        if cert is None or key is None:
             cert, key, made = ensure_self_signed(config.home / "tls", hostname)
-            created = cert if made else None
-            default = server_context(cert, key)
-        contexts[index] = default
-    by_listener = {id(listener): contexts[i] for i, listener in enumerate(config.listeners)}
-    return (lambda listener: by_listener[id(listener)]), created
+            created = created or (cert if made else None)
+        contexts[id(listener)] = server_context(
+            cert, key, listener.tls_client_ca, require_client=listener.require_client_cert
+        )
+    return (lambda listener: contexts[id(listener)]), created
 
 
 async def start(config: Config) -> Relay:

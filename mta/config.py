@@ -41,6 +41,8 @@ class ListenerConfig:
     require_tls: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # ask for client certificates issued by this CA
+    require_client_cert: bool = False  # refuse the TLS handshake without one
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +365,10 @@ def _listener(table: _Table, home: Path) -> ListenerConfig:
         raise table.error(
             "tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together"
         )
+    client_ca = _path(table, "tls_client_ca", home, None)
+    require_client_cert = table.get("require_client_cert", bool, False)
+    if require_client_cert and client_ca is None:
+        raise table.error("require_client_cert", "needs tls_client_ca")
     listener = ListenerConfig(
         address=address,
         port=port,
@@ -370,6 +376,8 @@ def _listener(table: _Table, home: Path) -> ListenerConfig:
         require_tls=table.get("require_tls", bool, mode != "relay"),
         tls_cert=cert,
         tls_key=key,
+        tls_client_ca=client_ca,
+        require_client_cert=require_client_cert,
     )
     table.done()
     return listener

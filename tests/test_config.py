@@ -256,3 +256,17 @@ def test_find_policy_exact_beats_longest_suffix() -> None:
     assert level("b.example") == "verify"
     assert level("example") is None
     assert level("other.test") is None
+
+
+def test_listener_client_certificates() -> None:
+    cfg = parse(
+        '[[listener]]\ntls_cert = "c.pem"\ntls_key = "c.key"\n'
+        'tls_client_ca = "ca.pem"\nrequire_client_cert = true\n'
+    )
+    (listener,) = cfg.listeners
+    assert listener.tls_client_ca == HOME / "ca.pem"
+    assert listener.require_client_cert is True
+    with pytest.raises(
+        ConfigError, match=r"listener\[0\]\.require_client_cert: needs tls_client_ca"
+    ):
+        parse("[[listener]]\nrequire_client_cert = true\n")

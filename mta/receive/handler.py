@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from cryptography import x509
 
 from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
@@ -99,13 +100,39 @@ def tls_object(server: SMTP, session: Session) -> ssl.SSLObject | ssl.SSLSocket 
     return found if isinstance(found, ssl.SSLObject | ssl.SSLSocket) else None
 
 
+def client_certificate(tls: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The common name of a verified client certificate (listener ``tls_client_ca``), if any.
+
+    The listener verifies a presented certificate against its CA during the handshake, so
+    a non-empty ``getpeercert()`` is a verified one (another relay of ours).
+    """
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "(unparseable)"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns_names = []
+    common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if dns_names:
+        return dns_names[0]
+    return str(common[0].value) if common else cert.subject.rfc4514_string() or "(no name)"
+
+
 def tls_comment(tls: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """``(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))`` or ``(no TLS)``."""
     cipher = tls.cipher() if tls is not None else None
     if tls is None or cipher is None:
         return "(no TLS)"
     name, _protocol, bits = cipher
-    return f"(using {tls.version()} with cipher {name} ({bits}/{bits} bits))"
+    comment = f"(using {tls.version()} with cipher {name} ({bits}/{bits} bits))"
+    client = client_certificate(tls)
+    return comment + (f"\n\t(client certificate {client} verified)" if client else "")
 
 
 def received_header(
@@ -225,7 +252,7 @@ class RelayHandler:
             return str(S501_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= self.config.limits.recipients:
             return str(S452_TOO_MANY_RCPTS)
-        denied = self._relay_denied(session, path)
+        denied = self._relay_denied(server, session, path)
         if denied:
             log.info(
                 "receive.relay_denied",
@@ -295,10 +322,12 @@ class RelayHandler:
 
     # --- relay control ---
 
-    def _relay_denied(self, session: Session, path: MailPath) -> str | None:
+    def _relay_denied(self, server: SMTP, session: Session, path: MailPath) -> str | None:
         """Why this recipient may not be accepted from this client; None when it may."""
         if session.authenticated or self._trusted_network(session):
             return None
+        if client_certificate(tls_object(server, session)) is not None:
+            return None  # a relay of ours, proven by its client certificate
         tricks = relay_tricks(path)
         if tricks:
             return ",".join(tricks)

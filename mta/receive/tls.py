@@ -53,10 +53,15 @@ def check_certificate_key(cert: Path) -> None:
         raise ConfigError(cert, "tls_cert", "DSA keys are not accepted")
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def server_context(
+    cert: Path, key: Path, client_ca: Path | None = None, *, require_client: bool = False
+) -> ssl.SSLContext:
     """A hardened server context for ``cert`` (PEM chain, leaf first) and ``key``.
 
-    Raises ``ConfigError(cert, "tls_cert", ...)`` for a weak, unreadable or mismatched pair.
+    With ``client_ca``, clients are asked for a certificate and a presented one must chain
+    to that CA (mutual TLS between relays); ``require_client`` refuses the handshake
+    without one. Raises ``ConfigError`` naming the file for a weak, unreadable or
+    mismatched pair or an unreadable CA file.
     """
     check_certificate_key(cert)
     context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
@@ -67,6 +72,12 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as err:
         problem = f"cannot load with {key}: {err.strerror or err}"
         raise ConfigError(cert, "tls_cert", problem) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(client_ca, "tls_client_ca", f"cannot load: {err}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
     return context
 
 

@@ -55,7 +55,10 @@ def run_mta(
 class RelayProcess:
     """One relay process with its policy file, data directory and log file."""
 
-    def __init__(self, tmp_path: Path, policy: str, *, port: int | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, policy: str, *, port: int | None = None, listener: str = ""
+    ) -> None:
+        self.listener = listener  # extra keys for our [[listener]] table
         self.home = tmp_path / "var"
         self.port = port or free_port()
         self.policy_file = tmp_path / "relay.toml"
@@ -65,7 +68,7 @@ class RelayProcess:
 
     def write_policy(self, policy: str) -> None:
         """Write the policy with our listener first; ``policy`` adds the rest."""
-        listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {self.port}\n\n'
+        listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {self.port}\n{self.listener}\n'
         self.policy_file.write_text(listener + policy)
 
     @property
