@@ -116,6 +116,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument(
+        "--relay-wrapper", default="", help='e.g. "py-spy record -f raw -o relay.txt --"'
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mta-bench-") as tmp:
         work = Path(tmp)
@@ -143,7 +146,7 @@ def main() -> int:
             f'[[route]]\ndomain = "*"\nnexthop = "[{sink_host}]:{sink_port}"\n'
         )
         relay = subprocess.Popen(
-            [sys.executable, "-m", "mta", "run", "--config", str(policy)],
+            [*args.relay_wrapper.split(), sys.executable, "-m", "mta", "run", "--config", str(policy)],
             env={**os.environ, "MTA_HOME": str(work / "var")},
         )
         try:

@@ -165,6 +165,7 @@ class Relay:
     servers: list[asyncio.Server]
     control: asyncio.Server
     destinations: Destinations
+    agent: DeliveryAgent
     tasks: list[asyncio.Task[None]]
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
@@ -175,6 +176,7 @@ class Relay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.agent.close()
         await self.destinations.close()
         self.control.close()
         for server in self.servers:
@@ -263,7 +265,7 @@ async def start(config: Config) -> Relay:
             "default_level": config.outbound.default_level.label,
         },
     )
-    return Relay(store, scheduler, servers, control, destinations, tasks)
+    return Relay(store, scheduler, servers, control, destinations, agent, tasks)
 
 
 async def serve(config: Config) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from mta.config import Config
+from mta.deliver.pool import ConnectionCache
 from mta.deliver.session import (
     HostFailed,
     SessionOutcome,
@@ -120,7 +121,12 @@ class DeliveryAgent:
         self._destinations = destinations
         self._settings = session_settings(config)
         self._contexts = TlsContexts()
+        self._connections = ConnectionCache()
         self._session: SessionRunner = session or self._smtp_session
+
+    async def close(self) -> None:
+        """Close the idle cached connections (shutdown)."""
+        await self._connections.close()
 
     async def deliver(
         self,
@@ -154,7 +160,8 @@ class DeliveryAgent:
         return result
 
     async def _smtp_session(self, target: Target, txn: Transaction) -> SessionOutcome:
-        return await deliver_session(target, txn, self._settings, self._contexts.for_target(target))
+        context = self._contexts.for_target(target)
+        return await deliver_session(target, txn, self._settings, context, self._connections)
 
     async def _attempt(self, qid: QueueId, plan: DomainPlan, txn: Transaction) -> DeliveryResult:
         domain = plan.domain

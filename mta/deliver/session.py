@@ -29,11 +29,11 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import aiosmtplib
 
@@ -46,6 +46,10 @@ from mta.reply import SmtpReply
 from mta.tlsbase import is_forward_secret
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    from mta.deliver.pool import ConnectionCache
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
@@ -151,19 +155,43 @@ async def deliver_session(
     txn: Transaction,
     settings: SessionSettings,
     context: ssl.SSLContext,
+    cache: ConnectionCache | None = None,
 ) -> SessionOutcome:
-    """Run one session to ``target`` (and at ``may``, a plaintext retry after a TLS failure).
+    """Send one transaction to ``target``: over a cached connection with exactly the same
+    requirement if one is idle, else over a new one (at ``may``, with a plaintext retry
+    after a TLS failure). A connection that ends cleanly goes back to ``cache``.
 
     Parameters:
-        target: the address, port, MX host name and TLS level.
+        target: the address, port, MX host name and what the peer must prove.
         txn: the envelope and content to send.
         settings: HELO name and timeouts.
-        context: the client TLS context for ``target.level`` (``tlsclient.client_context``).
+        context: the client TLS context (``tlsclient.client_context``).
+        cache: idle connections to reuse (Postfix's connection cache); None: no reuse.
     """
-    outcome = await _Session(target, txn, settings, context, use_tls=True).run()
-    if _fall_back_to_plaintext(target, outcome):
-        outcome = await _Session(target, txn, settings, context, use_tls=False).run()
-    assert not isinstance(outcome, Probed)
+    key = cache_key(target)
+    while cache is not None and (session := cache.take(key)) is not None:
+        if await session.reset():
+            return await _done(session, await session.send(txn), cache, key)
+        await session.close()
+    session = _Session(target, settings, context, use_tls=True)
+    failure = await session.open()
+    if failure is not None and _fall_back_to_plaintext(target, failure):
+        await session.close()
+        session = _Session(target, settings, context, use_tls=False)
+        failure = await session.open()
+    if failure is not None:
+        await session.close()
+        return failure
+    return await _done(session, await session.send(txn), cache, key)
+
+
+async def _done(
+    session: _Session, outcome: SessionOutcome, cache: ConnectionCache | None, key: CacheKey
+) -> SessionOutcome:
+    if cache is not None and isinstance(outcome, Transacted) and session.reusable:
+        cache.give(key, session)
+    else:
+        await session.close()
     return outcome
 
 
@@ -171,47 +199,67 @@ async def probe_session(
     target: Target, settings: SessionSettings, context: ssl.SSLContext
 ) -> Probed | HostFailed:
     """Connect, STARTTLS and check the peer exactly as delivery would, then QUIT."""
-    outcome = await _Session(target, None, settings, context, use_tls=True).run()
-    if _fall_back_to_plaintext(target, outcome):
-        outcome = await _Session(target, None, settings, context, use_tls=False).run()
-    assert not isinstance(outcome, Transacted)
-    return outcome
+    session = _Session(target, settings, context, use_tls=True)
+    failure = await session.open()
+    if failure is not None and _fall_back_to_plaintext(target, failure):
+        await session.close()
+        session = _Session(target, settings, context, use_tls=False)
+        failure = await session.open()
+    await session.close()
+    return failure or Probed(session.tls, session.chain, session.verified)
 
 
-def _fall_back_to_plaintext(target: Target, outcome: object) -> bool:
+def _fall_back_to_plaintext(target: Target, failure: HostFailed) -> bool:
     """Only at ``may`` does a TLS failure lead to a plaintext retry (as Postfix does)."""
-    fall_back = (
-        target.level is TlsLevel.MAY
-        and isinstance(outcome, HostFailed)
-        and outcome.reason is not None
+    if target.level is not TlsLevel.MAY or failure.reason is None:
+        return False
+    log.info(
+        "deliver.tls.fallback",
+        extra={"mx": target.mx, "address": target.address, "reason": failure.reason},
     )
-    if fall_back:
-        assert isinstance(outcome, HostFailed)
-        log.info(
-            "deliver.tls.fallback",
-            extra={"mx": target.mx, "address": target.address, "reason": outcome.reason},
-        )
-    return fall_back
+    return True
+
+
+CacheKey = tuple[str, int, str, HostRequirement, Path | None, Path | None]
+
+
+def cache_key(target: Target) -> CacheKey:
+    """Connections are shared only between deliveries that demand exactly the same proof
+    from the same peer, with the same client identity: one domain's policy can never
+    carry over to another's mail through a reused connection."""
+    return (
+        target.address,
+        target.port,
+        target.mx,
+        target.requirement,
+        target.client_cert,
+        target.client_key,
+    )
 
 
 class _Session:
-    """One connection; ``stage`` names the step for the "lost connection" reply."""
+    """One connection: open (connect, EHLO, STARTTLS, check), then transactions, then close.
+
+    ``stage`` names the step for the "lost connection" reply; ``reusable`` turns false
+    as soon as anything unexpected happens on the connection.
+    """
 
     def __init__(
         self,
         target: Target,
-        txn: Transaction | None,
         settings: SessionSettings,
         context: ssl.SSLContext,
         *,
         use_tls: bool,
     ) -> None:
-        self.target, self.txn, self.settings, self.context = target, txn, settings, context
+        self.target, self.settings, self.context = target, settings, context
         self.use_tls = use_tls
         self.stage = "connect"
         self.tls: TlsInfo | None = None
         self.chain: tuple[bytes, ...] = ()
         self.verified: VerifyResult | None = None
+        self.reusable = True
+        self.uses = 0
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
         self.where = f"{target.mx}[{target.address}]:{target.port}"
         self.smtp = aiosmtplib.SMTP(
@@ -233,42 +281,65 @@ class _Session:
             return self.failed(reply.code, reply.enhanced, text)
         return self.failed(451, "4.4.0", text)
 
-    async def run(self) -> SessionOutcome | Probed:
+    async def _guarded(self, step: Callable[[], Awaitable[_T]]) -> _T | HostFailed:
+        """Run a step; a timeout or a lost connection becomes a ``HostFailed`` (4.4.2)."""
         try:
-            outcome = await self._converse()
+            return await step()
         except aiosmtplib.SMTPTimeoutError:
-            outcome = self.failed(451, "4.4.2", f"timeout with {self.where} during {self.stage}")
+            self.reusable = False
+            return self.failed(451, "4.4.2", f"timeout with {self.where} during {self.stage}")
         except (aiosmtplib.SMTPException, OSError) as err:
-            outcome = self.failed(
+            self.reusable = False
+            return self.failed(
                 451,
                 "4.4.2",
                 f"lost connection with {self.where} during {self.stage}: {_oneline(err)}",
             )
-        finally:
-            self.smtp.close()
-            # Closing a TLS transport waits for the peer's close_notify (up to 30 s);
-            # after QUIT there is nothing left to protect, so let the socket go now.
-            if self.raw is not None and not self.raw.is_closing():
-                self.raw.close()
-        return outcome
 
-    async def _converse(self) -> SessionOutcome | Probed:
+    async def open(self) -> HostFailed | None:
+        """Connect, EHLO, STARTTLS and check the peer; None when mail may be sent."""
+        result = await self._guarded(self._open)
+        if result is not None:
+            self.reusable = False
+        return result
+
+    async def _open(self) -> HostFailed | None:
         failure = await self._connect()
         if failure is None:
             failure = await self._hello()
         if failure is None and self.use_tls:
             failure = await self._starttls()
-        if failure is not None:
-            return failure
-        outcome: SessionOutcome | Probed
-        if self.txn is None:
-            outcome = Probed(self.tls, self.chain, self.verified)
-        else:
-            outcome = await self._transaction(self.txn)
-        self.stage = "quit"
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await self.smtp.quit(timeout=self.settings.connect_timeout)
+        return failure
+
+    async def send(self, txn: Transaction) -> SessionOutcome:
+        """One mail transaction on the open connection."""
+        self.uses += 1
+        outcome = await self._guarded(lambda: self._transaction(txn))
+        if isinstance(outcome, Transacted) and any(r.reply.code == 421 for r in outcome.results):
+            self.reusable = False  # the server is closing the connection
         return outcome
+
+    async def reset(self) -> bool:
+        """RSET before reusing a cached connection: is it still alive?"""
+        self.stage = "RSET"
+        try:
+            await self.smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            self.reusable = False
+            return False
+        return True
+
+    async def close(self) -> None:
+        """QUIT when the connection is healthy, then let the socket go."""
+        if self.reusable and self.smtp.is_connected:
+            self.stage = "quit"
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await self.smtp.quit(timeout=self.settings.connect_timeout)
+        self.smtp.close()
+        # Closing a TLS transport waits for the peer's close_notify (up to 30 s);
+        # after QUIT there is nothing left to protect, so let the socket go now.
+        if self.raw is not None and not self.raw.is_closing():
+            self.raw.close()
 
     async def _connect(self) -> HostFailed | None:
         try:

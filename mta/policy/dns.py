@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -46,6 +47,9 @@ from mta.policy.dane import TlsaRecord, is_usable
 from mta.policy.decide import TlsaFacts, TlsaStatus
 from mta.policy.mx import MxRecord, is_null_mx, normalise_host
 
+_CACHE_ENTRIES: Final = 10_000  # answers kept (oldest dropped first)
+_CACHE_MAX_TTL: Final = 3600.0  # seconds, whatever the TTL says
+_NEGATIVE_TTL: Final = 60.0  # seconds a denial (NXDOMAIN, NODATA) is remembered
 _PER_TRY_TIMEOUT: Final = 2.0  # one query to one nameserver; the lifetime bounds the whole
 _EDNS_PAYLOAD: Final = 1232  # DNS flag day 2020: no IP fragmentation; larger answers go TCP
 MAX_CNAME_CHAIN: Final = 8  # CNAMEs followed for one name; dnspython itself stops at 16
@@ -177,7 +181,11 @@ class DnsClient:
                 ) from None
         resolver.lifetime = timeout
         resolver.timeout = min(_PER_TRY_TIMEOUT, timeout)
-        resolver.cache = None
+        resolver.cache = None  # ours (_query) keeps the typed results, DNSSEC status included
+        self._cache: dict[
+            tuple[str, dns.rdatatype.RdataType],
+            tuple[float, _RRset | _NoData | NoDomain | DnsTempFail],
+        ] = {}
         # DO: we want the DNSSEC status; AD: tell us it (RFC 6840 §5.7), even without RRSIGs.
         resolver.use_edns(0, dns.flags.DO, _EDNS_PAYLOAD)
         resolver.flags = dns.flags.RD | dns.flags.AD
@@ -308,34 +316,58 @@ class DnsClient:
     async def _query(
         self, name: str, rdtype: dns.rdatatype.RdataType
     ) -> _RRset | _NoData | NoDomain | DnsTempFail:
-        """One query; dnspython's exceptions become results here and nowhere else."""
+        """One query, answered from the cache while its TTL lasts (failures are never cached)."""
+        key = (name.lower(), rdtype)
+        cached = self._cache.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        result, ttl = await self._ask(name, rdtype)
+        if not isinstance(result, DnsTempFail) and ttl > 0:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))  # the oldest entry
+            self._cache[key] = (now + min(ttl, _CACHE_MAX_TTL), result)
+        return result
+
+    async def _ask(
+        self, name: str, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[_RRset | _NoData | NoDomain | DnsTempFail, float]:
+        """One query; dnspython's exceptions become results here and nowhere else.
+
+        Returns the result and how long it may be cached (the answer's TTL; a fixed short
+        time for a denial; 0 for failures).
+        """
         kind = dns.rdatatype.to_text(rdtype)
         try:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException as err:
-            return NoDomain(f"invalid domain name {name!r}: {err}")
+            return NoDomain(f"invalid domain name {name!r}: {err}"), 0
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as err:
             responses = _responses(err.kwargs.get("responses"))
             secure = bool(responses) and all(_is_secure(r) for r in responses)
-            return NoDomain(f"{name}: host not found (NXDOMAIN, type={kind})", secure=secure)
+            found = NoDomain(f"{name}: host not found (NXDOMAIN, type={kind})", secure=secure)
+            return found, _NEGATIVE_TTL
         except dns.resolver.NoAnswer as err:
             response = err.kwargs.get("response")
-            return _NoData(isinstance(response, dns.message.Message) and _is_secure(response))
+            secure = isinstance(response, dns.message.Message) and _is_secure(response)
+            return _NoData(secure), _NEGATIVE_TTL
         except dns.resolver.NoNameservers:
-            return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})")
+            return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})"), 0
         except dns.exception.Timeout:
-            return DnsTempFail(f"{name}: DNS timeout (type={kind})")
+            return DnsTempFail(f"{name}: DNS timeout (type={kind})"), 0
         except dns.exception.DNSException as err:
-            return DnsTempFail(f"{name}: DNS error (type={kind}): {err}")
+            return DnsTempFail(f"{name}: DNS error (type={kind}): {err}"), 0
         if len(answer.chaining_result.cnames) > MAX_CNAME_CHAIN:
-            return DnsTempFail(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type={kind})")
-        return _RRset(
+            chain = f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type={kind})"
+            return DnsTempFail(chain), 0
+        rrset = _RRset(
             tuple(answer),
             secure=_is_secure(answer.response),
             canonical=normalise_host(answer.canonical_name.to_text()),
         )
+        return rrset, float(answer.rrset.ttl if answer.rrset is not None else 0)
 
 
 def _tlsa_facts(base: str, answer: TlsaLookup) -> TlsaFacts:

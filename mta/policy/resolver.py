@@ -43,7 +43,7 @@ from mta.policy.dns import (
     NoDomain,
     NullMx,
 )
-from mta.policy.local import find_policy
+from mta.policy.local import DomainPolicy, find_policy
 from mta.policy.mx import hosts_for
 from mta.reply import SmtpReply
 
@@ -153,10 +153,15 @@ class DestinationResolver:
     async def domain(self, domain: str) -> DomainPlan:
         """The policy for ``domain`` and the hosts to try, or the ``Terminal`` that ends it."""
         local = find_policy(self._config.domains, domain)
-        # A local policy outranks MTA-STS, so its lookup would change nothing.
-        sts = StsFacts(None, state="not-consulted") if local else await self.sts_facts(domain)
+        nexthop, port, mx_lookup = self._nexthop(domain, local)
+        # A local policy outranks MTA-STS, so its lookup would change nothing; a fixed next
+        # hop ([host] or an IP, a smarthost) never uses the domain's MX hosts that MTA-STS
+        # speaks about; a routed MX lookup takes the next-hop domain's policy.
+        if local is not None or not mx_lookup:
+            sts = StsFacts(None, state="not-consulted")
+        else:
+            sts = await self.sts_facts(nexthop)
         policy = decide_domain(domain, local, sts, self._config.outbound.default_level)
-        nexthop, port, mx_lookup = self._nexthop(domain, policy)
         plan = DomainPlan(domain, policy, sts, nexthop, port, mx_lookup)
         if not mx_lookup:
             return replace(plan, hosts=(nexthop,))
@@ -180,9 +185,9 @@ class DestinationResolver:
             return replace(plan, terminal=Terminal(Outcome.DEFERRED, reply, "validation-failure"))
         return plan
 
-    def _nexthop(self, domain: str, policy: TransportPolicy) -> tuple[str, int, bool]:
+    def _nexthop(self, domain: str, local: DomainPolicy | None) -> tuple[str, int, bool]:
         """(host, port, MX lookup?): a domain policy's nexthop, else a route, else the domain."""
-        hop: Nexthop | None = policy.local.nexthop if policy.local else None
+        hop: Nexthop | None = local.nexthop if local else None
         if hop is None:
             route = self._config.route_for(domain)
             hop = route.nexthop if route else None

@@ -135,7 +135,10 @@ class Scheduler:
         self._due: list[tuple[float, int, QueueId]] = []
         self._seq = itertools.count()
         self._busy: Counter[str] = Counter()
-        self._blocked: dict[str, set[QueueId]] = {}
+        # Messages waiting for a free slot at their domain, oldest first (an ordered set):
+        # each attempt that ends lets exactly one of them back in, so a busy domain with
+        # a long queue costs O(1) per attempt, not a rescan of everything that waits.
+        self._blocked: dict[str, dict[QueueId, None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # attempts in flight
         self._chores: set[asyncio.Task[None]] = set()  # removals started by enqueue()
         self._wake = asyncio.Event()
@@ -289,7 +292,7 @@ class Scheduler:
                 if domain in entry.active:
                     continue  # re-pushed when that attempt ends
                 if self._busy[domain] >= self._per_destination:
-                    self._blocked.setdefault(domain, set()).add(qid)
+                    self._blocked.setdefault(domain, {})[qid] = None
                     continue  # re-pushed when the domain has a free slot
                 if self._slots.locked():
                     self._push(now, qid)
@@ -317,8 +320,15 @@ class Scheduler:
             del self._busy[domain]
         entry.active.discard(domain)
         now = self._clock.now()
-        for waiting in self._blocked.pop(domain, ()):
-            self._push(now, waiting)
+        waiting = self._blocked.get(domain, {})
+        while waiting:  # let the oldest waiting message that is still queued back in
+            candidate = next(iter(waiting))
+            del waiting[candidate]
+            if candidate in self._index:
+                self._push(now, candidate)
+                break
+        if not waiting:
+            self._blocked.pop(domain, None)
         if self._index.get(qid) is entry and (due := entry.state.next_due) is not None:
             self._push(due, qid)
         if not task.cancelled() and (err := task.exception()) is not None:

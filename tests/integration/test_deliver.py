@@ -86,7 +86,10 @@ def deliver(
     async def attempt() -> DeliveryResult:
         agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
         envelope = Envelope(SENDER, rcpts, received_at=0.0)
-        return await agent.deliver(QueueId("q1"), envelope, domain, rcpts, content)
+        try:
+            return await agent.deliver(QueueId("q1"), envelope, domain, rcpts, content)
+        finally:
+            await agent.close()  # its cached connections
 
     return asyncio.run(attempt())
 
@@ -367,7 +370,10 @@ def agent_attempt(
     async def attempt() -> DeliveryResult:
         agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
         envelope = Envelope(SENDER, rcpts, received_at=0.0, smtputf8=smtputf8)
-        return await agent.deliver(QueueId("q2"), envelope, domain, rcpts, CONTENT)
+        try:
+            return await agent.deliver(QueueId("q2"), envelope, domain, rcpts, CONTENT)
+        finally:
+            await agent.close()  # its cached connections
 
     return attempt
 

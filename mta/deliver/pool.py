@@ -1,0 +1,97 @@
+"""Idle outbound connections kept for the next delivery to the same peer (Postfix's scache).
+
+A delivery that ends cleanly hands its connection back; the next delivery with exactly
+the same cache key (peer address and port, MX name, the full requirement the peer was
+checked against, our client identity; see ``session.cache_key``) takes it, sends RSET
+and goes on without a new TCP connection or TLS handshake. An idle connection is closed
+after ``idle_time`` seconds (Postfix's ``smtp_connection_cache_time_limit`` is 2 s) or
+after ``max_uses`` transactions, and all of them at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from mta.deliver.session import CacheKey, _Session
+
+IDLE_TIME: Final = 2.0
+MAX_USES: Final = 100
+
+
+@dataclass(slots=True)
+class _Idle:
+    session: _Session
+    until: float
+
+
+class ConnectionCache:
+    """Idle sessions by cache key, newest first; bounded in time and in reuse."""
+
+    def __init__(self, idle_time: float = IDLE_TIME, max_uses: int = MAX_USES) -> None:
+        self._idle_time = idle_time
+        self._max_uses = max_uses
+        self._idle: dict[CacheKey, list[_Idle]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._idle.values())
+
+    def take(self, key: CacheKey) -> _Session | None:
+        """An idle session for ``key`` that has not outlived its idle time, if any."""
+        entries = self._idle.get(key)
+        now = time.monotonic()
+        while entries:
+            idle = entries.pop()
+            if idle.until > now:
+                return idle.session
+            self._close_later(idle.session)
+        self._idle.pop(key, None)
+        return None
+
+    def give(self, key: CacheKey, session: _Session) -> None:
+        """Keep ``session`` for reuse (or close it when it has been used enough)."""
+        if session.uses >= self._max_uses:
+            self._close_later(session)
+            return
+        self._idle.setdefault(key, []).append(_Idle(session, time.monotonic() + self._idle_time))
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self._idle_time, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close sessions idle for too long; runs while any are cached."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key in list(self._idle):
+            keep = [idle for idle in self._idle[key] if idle.until > now]
+            for idle in self._idle[key]:
+                if idle.until <= now:
+                    self._close_later(idle.session)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(self._idle_time, self._sweep)
+
+    def _close_later(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every idle session (shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for entries in self._idle.values():
+            for idle in entries:
+                self._close_later(idle.session)
+        self._idle.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
