@@ -170,9 +170,14 @@ async def deliver_session(
     """
     key = cache_key(target)
     while cache is not None and (session := cache.take(key)) is not None:
-        if await session.reset():
-            return await _done(session, await session.send(txn), cache, key)
-        await session.close()
+        # No RSET probe: the last transaction ended cleanly, so MAIL may follow at once
+        # (RFC 5321 §4.1.1.1). A peer that closed the idle connection in the meantime
+        # fails MAIL FROM with the connection lost; then try the next one, or a new one.
+        outcome = await session.send(txn)
+        if isinstance(outcome, HostFailed) and session.stale:
+            await session.close()
+            continue
+        return await _done(session, outcome, cache, key)
     session = _Session(target, settings, context, use_tls=True)
     failure = await session.open()
     if failure is not None and _fall_back_to_plaintext(target, failure):
@@ -319,15 +324,10 @@ class _Session:
             self.reusable = False  # the server is closing the connection
         return outcome
 
-    async def reset(self) -> bool:
-        """RSET before reusing a cached connection: is it still alive?"""
-        self.stage = "RSET"
-        try:
-            await self.smtp.rset()
-        except (aiosmtplib.SMTPException, OSError):
-            self.reusable = False
-            return False
-        return True
+    @property
+    def stale(self) -> bool:
+        """A reused connection that turned out dead before the first reply to MAIL FROM."""
+        return self.uses > 1 and not self.reusable and self.stage == "MAIL FROM"
 
     async def close(self) -> None:
         """QUIT when the connection is healthy, then let the socket go."""

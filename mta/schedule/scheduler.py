@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # The loop re-reads the clock at least this often, so a wall-clock jump delays
 # nothing by more than a minute. It is a bound, not a poll: it only matters when idle.
 MAX_SLEEP: Final = 60.0
+FRESH_BYTES: Final = 32 * 1024 * 1024  # just-received content kept for first attempts
 # After an unexpected error in the loop itself, pause this long instead of spinning.
 LOOP_ERROR_PAUSE: Final = 1.0
 # How long stop() waits for cancelled attempts to unwind.
@@ -95,6 +96,7 @@ class _Queued:
     state: MessageState
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     active: set[str] = field(default_factory=set)
+    content: bytes | None = None  # kept from receipt until the first deferral (no re-read)
 
 
 class Scheduler:
@@ -132,6 +134,7 @@ class Scheduler:
         # to react to wake-ups and stop().
         self._slots = asyncio.Semaphore(max(1, outbound.max_connections))
         self._index: dict[QueueId, _Queued] = {}
+        self._fresh_bytes = 0  # content held in memory for first attempts
         self._due: list[tuple[float, int, QueueId]] = []
         self._seq = itertools.count()
         self._busy: Counter[str] = Counter()
@@ -174,10 +177,20 @@ class Scheduler:
         log.info("schedule.recovered", extra={"count": count})
         return count
 
-    def enqueue(self, qid: QueueId, envelope: Envelope) -> None:
-        """Schedule a message just stored in the spool: every recipient due now."""
-        if qid not in self._index:
-            self._admit(qid, envelope, initial_state(envelope))
+    def enqueue(self, qid: QueueId, envelope: Envelope, content: bytes | None = None) -> None:
+        """Schedule a message just stored in the spool: every recipient due now.
+
+        ``content``, when given, is the message as just stored: the first attempts use it
+        instead of reading and decrypting the record again (within ``FRESH_BYTES`` in all).
+        """
+        if qid in self._index:
+            return
+        self._admit(qid, envelope, initial_state(envelope))
+        entry = self._index.get(qid)
+        fits = content is not None and self._fresh_bytes + len(content) <= FRESH_BYTES
+        if entry is not None and content is not None and fits:
+            entry.content = content
+            self._fresh_bytes += len(content)
 
     def flush(self) -> int:
         """Make every pending recipient due now; returns the number of messages affected."""
@@ -203,6 +216,11 @@ class Scheduler:
     def in_flight(self) -> int:
         """Attempts running now."""
         return len(self._tasks)
+
+    @property
+    def queued(self) -> int:
+        """Messages in the queue (pending recipients left), in flight or waiting."""
+        return len(self._index)
 
     async def run(self) -> None:
         """The loop: launch due attempts, sleep until the next due time or a wake-up.
@@ -361,11 +379,13 @@ class Scheduler:
         """Read the content, hand it to the agent; returns the result and the header
         section (for a DSN), or None when the record was corrupt and quarantined.
         The content goes out of scope when this returns."""
-        try:
-            _, content = await self._store.read(qid)
-        except SpoolCorrupt as err:
-            await self._quarantine(qid, str(err))
-            return None
+        content = entry.content
+        if content is None:
+            try:
+                _, content = await self._store.read(qid)
+            except SpoolCorrupt as err:
+                await self._quarantine(qid, str(err))
+                return None
         result = await self._agent.deliver(qid, entry.envelope, domain, rcpts, content)
         return result, header_block(content)
 
@@ -401,6 +421,8 @@ class Scheduler:
             failed = []
         entry.state = state
         _log_result(qid, result, state, len(failed))
+        if not state.done and any(r.outcome is Outcome.DEFERRED for r in result.results):
+            self._forget_content(entry)  # retries read the record: memory stays bounded
         if state.done:
             await self._retire(qid, state)
         else:
@@ -443,10 +465,17 @@ class Scheduler:
         )
         return True
 
+    def _forget_content(self, entry: _Queued) -> None:
+        if entry.content is not None:
+            self._fresh_bytes -= len(entry.content)
+            entry.content = None
+
     async def _retire(self, qid: QueueId, state: MessageState) -> None:
         """Remove a finished message. If removing fails, record it as finished instead,
         so that a restart does not deliver it again."""
-        self._index.pop(qid, None)
+        entry = self._index.pop(qid, None)
+        if entry is not None:
+            self._forget_content(entry)
         try:
             await self._store.remove(qid)
         except Exception:
@@ -459,7 +488,9 @@ class Scheduler:
         log.info("schedule.done", extra={"qid": qid})
 
     async def _quarantine(self, qid: QueueId, reason: str) -> None:
-        self._index.pop(qid, None)
+        entry = self._index.pop(qid, None)
+        if entry is not None:
+            self._forget_content(entry)
         try:
             await self._store.quarantine(qid, reason)
         except Exception:

@@ -257,6 +257,11 @@ class Receiver:
                 self._changed.wait(remaining)
             return list(self.messages[:count])
 
+    @property
+    def connections(self) -> int:
+        """How many SMTP connections were accepted so far (connection reuse tests)."""
+        return len(self._servers)
+
     def _record(self, message: ReceivedMessage) -> None:
         with self._changed:
             self.messages.append(message)
