@@ -12,6 +12,7 @@ default ``./var``), so that ``mta run`` with no arguments keeps everything in on
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -122,7 +123,13 @@ class Route:
 class LimitsConfig:
     message_size: int = 10 * 1024 * 1024
     recipients: int = 1000
-    idle_timeout: float = 300.0
+    idle_timeout: float = 300.0  # to send one command (or to stay silent)
+    data_timeout: float = 600.0  # to send the whole message after 354, however it trickles
+    connections: int = 1000  # inbound sessions in total, every listener together
+    connections_per_client: int = 50  # per client address (IPv6: per /84, like Postfix)
+    errors: int = 20  # error replies in one session, then 421 and disconnect
+    auth_failures: int = 5  # failed AUTH per client address within auth_failure_window...
+    auth_failure_window: float = 300.0  # ...then AUTH gets 421 until the window has passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +195,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
@@ -266,7 +274,9 @@ class _Table:
         self.used: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
+        # A key that is not a bare TOML key is shown quoted, so an error stays one line.
+        shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)
+        return f"{self.prefix}.{shown}" if self.prefix else shown
 
     def error(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), problem)
@@ -339,8 +349,20 @@ def _path(table: _Table, name: str, home: Path, default: str | None) -> Path | N
     text = table.get(name, str, default)
     if not text:
         return None
-    path = Path(text).expanduser()
+    if "\0" in text:
+        raise table.error(name, "a path cannot hold a NUL character")
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of no such user
+        raise table.error(name, f"cannot expand {text!r}: no such user") from None
     return path if path.is_absolute() else home / path
+
+
+def _required_path(table: _Table, name: str, home: Path, default: str) -> Path:
+    path = _path(table, name, home, default)
+    if path is None:
+        raise table.error(name, "expected a path, got an empty string")
+    return path
 
 
 def _duration(table: _Table, name: str, default: float) -> float:
@@ -442,10 +464,8 @@ def validate(
         listeners = (ListenerConfig(),)
 
     spool_t = top.table("spool")
-    spool_path = _path(spool_t, "path", home, "spool")
-    key_file = _path(spool_t, "key_file", home, "keys/spool.key")
-    assert spool_path is not None
-    assert key_file is not None
+    spool_path = _required_path(spool_t, "path", home, "spool")
+    key_file = _required_path(spool_t, "key_file", home, "keys/spool.key")
     spool = SpoolConfig(spool_path, key_file, _duration(spool_t, "max_age", 5 * 86400.0))
     spool_t.done()
 
@@ -474,8 +494,7 @@ def validate(
     dane_t.done()
 
     sts_t = top.table("mta_sts")
-    cache_file = _path(sts_t, "cache_file", home, "mta-sts-cache.json")
-    assert cache_file is not None
+    cache_file = _required_path(sts_t, "cache_file", home, "mta-sts-cache.json")
     mta_sts = MtaStsConfig(
         enabled=sts_t.get("enabled", bool, True),
         port=sts_t.convert("port", int, 443, lambda p: _port(str(p))),
@@ -523,6 +542,12 @@ def validate(
         message_size=limits_t.convert("message_size", str, 10 * 1024 * 1024, parse_size),
         recipients=_positive(limits_t, "recipients", int, 1000),
         idle_timeout=_duration(limits_t, "idle_timeout", 300.0),
+        data_timeout=_duration(limits_t, "data_timeout", 600.0),
+        connections=_positive(limits_t, "connections", int, 1000),
+        connections_per_client=_positive(limits_t, "connections_per_client", int, 50),
+        errors=_positive(limits_t, "errors", int, 20),
+        auth_failures=_positive(limits_t, "auth_failures", int, 5),
+        auth_failure_window=_duration(limits_t, "auth_failure_window", 300.0),
     )
     limits_t.done()
 
@@ -632,6 +657,8 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(source, "(syntax)", str(err)) from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise ConfigError(source, "(syntax)", "values nested too deeply") from None
 
 
 def _read(path: Path) -> str:

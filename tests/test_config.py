@@ -35,6 +35,11 @@ def test_default_policy_values() -> None:
     assert cfg.outbound.default_level is TlsLevel.ENCRYPT
     assert cfg.outbound.port == 25
     assert cfg.routes == ()
+    limits = cfg.limits
+    assert (limits.idle_timeout, limits.data_timeout) == (300, 600)
+    assert (limits.connections, limits.connections_per_client, limits.errors) == (1000, 50, 20)
+    assert (limits.auth_failures, limits.auth_failure_window) == (5, 300)
+    assert limits == config.LimitsConfig(message_size=10 * 1024 * 1024)  # shipped = built in
 
 
 def test_every_shipped_policy_validates() -> None:
@@ -84,6 +89,22 @@ def test_empty_file_gives_defaults() -> None:
         ),
         ('[dns]\nresolvers = ["ns.example"]', "test.toml: dns.resolvers: expected an IP address"),
         ('[limits]\nmessage_size = "big"', "test.toml: limits.message_size: expected a size"),
+        ("[limits]\nerrors = 0", "test.toml: limits.errors: expected a positive number"),
+        (
+            "[limits]\nconnections_per_client = -1",
+            "test.toml: limits.connections_per_client: expected a positive",
+        ),
+        ('[limits]\nconnections = "many"', "test.toml: limits.connections: expected an integer"),
+        ('[limits]\ndata_timeout = "0s"', "test.toml: limits.data_timeout: expected a positive"),
+        ("[limits]\nauth_failures = 1.5", "test.toml: limits.auth_failures: expected an integer"),
+        (
+            '[limits]\nauth_failure_window = "soon"',
+            "test.toml: limits.auth_failure_window: expected a duration",
+        ),
+        ('[spool]\npath = ""', "test.toml: spool.path: expected a path"),
+        ('[[listener]]\ntls_cert = "~nosuchuser/c.pem"', "test.toml: listener[0].tls_cert: cannot"),
+        ('"a\\nb" = 1', 'test.toml: "a\\nb": unknown key'),
+        ("a = " + "[" * 5000, "test.toml: (syntax): values nested too deeply"),
         ('[log]\nlevel = "LOUD"', "test.toml: log.level: expected DEBUG"),
         ("[spool", "test.toml: (syntax):"),
         ("[[listener]]\nport = true", "test.toml: listener[0].port: expected an integer, got True"),

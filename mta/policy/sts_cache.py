@@ -198,6 +198,8 @@ def _decode(data: bytes, path: Path) -> dict[str, CachedPolicy]:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not JSON: {err}") from None
+    except RecursionError:  # nested deeper than the interpreter's stack
+        raise ValueError("not JSON: nested too deep") from None
     if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION:
         raise ValueError(f"not a version {CACHE_VERSION} policy cache")
     policies = doc.get("policies")

@@ -78,7 +78,11 @@ def has_bare_line_ending(data: bytes) -> bool:
 
 def client_ip(session: Session) -> str:
     """The peer's IP address as text (IPv4-mapped IPv6 shown as IPv4); ``""`` if unknown."""
-    peer = session.peer
+    return peer_ip(session.peer)
+
+
+def peer_ip(peer: object) -> str:
+    """The address in a ``peername`` tuple, as ``client_ip`` shows it; ``""`` if none."""
     if not isinstance(peer, tuple) or not peer:
         return ""
     try:

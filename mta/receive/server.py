@@ -9,9 +9,37 @@ Modes:
   but not required; relay control is as on a relay listener.
 
 AUTH (PLAIN, LOGIN) is offered only over TLS and only when a password file is
-configured. Messages over ``limits.message_size`` get ``552 5.3.4`` (at ``MAIL
-SIZE=`` or at the end of DATA); an idle client is dropped after
-``limits.idle_timeout``.
+configured.
+
+Hostile input, and the reply each limit gives (``limits.*`` in the policy):
+
+- A command line (or an AUTH continuation line) ended by a bare LF, or holding a bare
+  CR, gets ``521 5.5.2 <host> Error: bare <LF> received`` and the connection is
+  closed, as Postfix's ``smtpd_forbid_bare_newline = reject`` does: a relay that took
+  such lines as commands could be steered by the same ambiguity SMTP smuggling uses.
+  (Bare CR or LF inside DATA is the handler's business: ``550 5.5.2``, session goes on.)
+- Commands pipelined after STARTTLS are discarded with the plaintext buffer when TLS
+  starts (aiosmtpd >= 1.4.6, CVE-2024-34083); we log that they were there.
+- Line lengths (RFC 5321 §4.5.3.1.4, §4.5.3.1.6): a command line over 512 octets
+  (MAIL: 538, for SIZE) gets ``500 5.5.2``; a text line over 1000 octets ends DATA with
+  ``500 5.5.2 Line too long`` and nothing is stored (RFC 5321 §4.5.3.1.9's "500 Line
+  too long"; a syntax error of the DATA stream, not of the message, hence 5.5.2).
+- Size: ``MAIL SIZE=`` over ``limits.message_size``, or more data than that, gets
+  ``552 5.3.4``.
+- Sessions: beyond ``limits.connections`` in total or ``limits.connections_per_client``
+  from one client, a connection gets ``421 4.7.0 <host> Error: too many connections``
+  instead of the greeting. After ``limits.errors`` error replies, ``421 4.7.0 ... too
+  many errors`` and disconnect (``limits.ErrorBudget`` says which replies count).
+- Time: ``limits.idle_timeout`` to send each command; ``limits.data_timeout`` for the
+  whole message after ``354``, however slowly it trickles in. Either runs out:
+  ``421 4.4.2 <host> Error: timeout exceeded`` and the connection is dropped.
+- AUTH: after ``limits.auth_failures`` failures from one client address within
+  ``limits.auth_failure_window``, AUTH from it gets ``421 4.7.0`` (and disconnect),
+  right password or not, until the oldest failure leaves the window.
+
+Every reply that ends a session (``421``, ``521``, and ``221`` to QUIT) is followed at
+once by the end of its task, so nothing the client pipelined after it is executed
+(aiosmtpd alone would still run a DATA pipelined after QUIT, and store the message).
 
 ``RelaySMTP`` adapts aiosmtpd: its stock replies get enhanced status codes (RFC 2034,
 since we advertise ENHANCEDSTATUSCODES), a second STARTTLS is refused, the raw
@@ -26,13 +54,14 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 
-from mta.config import Config, ListenerConfig
+from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
-from mta.receive.handler import Accept, RelayHandler
+from mta.receive.handler import Accept, RelayHandler, peer_ip
+from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
 from mta.reply import S501_BAD_ADDRESS, S530_STARTTLS_FIRST, S552_TOO_BIG
 
 log = logging.getLogger(__name__)
@@ -42,6 +71,8 @@ Authenticator = Callable[..., Any]
 
 TLS_HANDSHAKE_TIMEOUT: Final = 30.0
 IDENT: Final = "ESMTP mta"
+COMMAND_LINE: Final = 512  # octets, CRLF not counted (RFC 5321 §4.5.3.1.4)
+SIZE_PARAMETER: Final = 26  # " SIZE=" and up to 20 digits: MAIL may be this much longer (RFC 1870)
 
 # aiosmtpd's own replies that we word differently (code or enhanced code).
 _REWRITE: Final = {
@@ -49,6 +80,7 @@ _REWRITE: Final = {
     "552 Error: Too much mail data": str(S552_TOO_BIG),
     "530 Must issue a STARTTLS command first": str(S530_STARTTLS_FIRST),
     "553 5.1.3 Error: malformed address": str(S501_BAD_ADDRESS),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (1000 octets at most)",
 }
 # The enhanced code (RFC 3463) for aiosmtpd's other stock replies, by reply code.
 _ENHANCED: Final = {
@@ -82,6 +114,60 @@ def enhance(reply: str, *, hostname: str) -> str:
     return f"{match.group(1)} {enhanced} {match.group(2)}" if enhanced else reply
 
 
+class BareLineEnding(Exception):
+    """A command line ended by a bare LF, or holding a CR that no LF follows."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"bare {what} in a command line")
+        self.what = what
+
+
+class _CommandLineReader(asyncio.StreamReader):
+    """aiosmtpd's stream, but a command line must end in CRLF and hold no other CR.
+
+    aiosmtpd reads command lines (and AUTH continuation lines) with the default
+    separator, a bare LF, and DATA lines with CRLF; only the former are checked here.
+    A line too long for the buffer is drained with ``read`` (and refused with ``500``);
+    the CRLF ending it may then be split across two reads.
+    """
+
+    _cr_before = False  # the last read() ended with a CR
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._cr_before = data.endswith(b"\r")
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        line = await super().readuntil(separator)
+        cr_before, self._cr_before = self._cr_before, False
+        if separator == b"\n":
+            if not line.endswith(b"\r\n") and not (line == b"\n" and cr_before):
+                raise BareLineEnding("<LF>")
+            if b"\r" in line[:-2]:
+                raise BareLineEnding("<CR>")
+        return line
+
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._buffer)  # type: ignore[attr-defined]
+
+
+class _CommandSizeLimits(dict[str, int]):
+    """Command line limits, fixed for the session.
+
+    aiosmtpd keeps these in a class-level dict that every new session clears and every
+    EHLO raises (MAIL by 26 for SIZE): one client sending EHLO over and over would
+    lengthen the limit for every session. Ours belongs to the session and ignores writes.
+    """
+
+    def __missing__(self, command: str) -> int:
+        return COMMAND_LINE + (SIZE_PARAMETER if command == "MAIL" else 0)
+
+    def __setitem__(self, command: str, limit: int) -> None:
+        pass
+
+
 class _Session(Session):
     """aiosmtpd's session without the deprecated ``login_data``, which logs a warning
     on every successful AUTH. The user name is in ``auth_data``."""
@@ -108,6 +194,9 @@ class RelaySMTP(SMTP):
         *,
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
+        limits: LimitsConfig | None = None,
+        gate: ConnectionGate | None = None,
+        auth_failures: AuthFailures | None = None,
         **kwargs: Any,
     ):
         self._check_credentials = authenticator
@@ -116,9 +205,24 @@ class RelaySMTP(SMTP):
             kwargs["authenticator"] = self._capture
         else:
             kwargs["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
+        self.command_size_limits = _CommandSizeLimits()
         super().__init__(handler, **kwargs)
+        # aiosmtpd builds its stream reader inline; hand the protocol ours instead, before
+        # any connection exists (this only re-runs the base constructor with it).
+        reader = _CommandLineReader(limit=self.line_length_limit, loop=self.loop)
+        asyncio.StreamReaderProtocol.__init__(
+            self, reader, client_connected_cb=self._cb_client_connected, loop=self.loop
+        )
         self.implicit_tls = implicit_tls
         self.rcpt_argument: str | None = None
+        self.limits = limits or LimitsConfig()
+        self.gate = gate
+        self.auth_failures = auth_failures
+        self.errors = ErrorBudget(self.limits.errors)
+        self.client = ""  # the peer's address, once connected
+        self._connected = False
+        self._admitted = False  # counted by the gate: release once
+        self._refused = False  # turned away at connect: aiosmtpd never saw the connection
 
     # aiosmtpd calls its authenticator synchronously, on the event loop; a scrypt check
     # there would stall every session for tens of milliseconds per AUTH attempt. So
@@ -141,7 +245,21 @@ class RelaySMTP(SMTP):
         checked = await asyncio.to_thread(
             self._check_credentials, self, self.session, self.envelope, mechanism, auth_data
         )
-        return checked if isinstance(checked, AuthResult) else AuthResult(success=False)
+        if not isinstance(checked, AuthResult):
+            checked = AuthResult(success=False)
+        if not checked.success and self.auth_failures is not None:
+            self.auth_failures.record(self.client, self.loop.time())
+        return checked
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        failures = self.auth_failures
+        if failures is not None and failures.blocked(self.client, self.loop.time()):
+            log.warning("receive.auth.rate_limited", extra={"client": self.client})
+            await self.push(
+                f"421 4.7.0 {self.hostname} Error: too many AUTH failures from {self.client}"
+            )
+            return
+        await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._check_in_thread(super().auth_PLAIN(_, args))
@@ -152,16 +270,114 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
+    # --- connection accounting, replies that end the session, timeouts ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._connected:  # the connection itself, not the TLS layer after STARTTLS
+            self._connected = True
+            self.client = peer_ip(transport.get_extra_info("peername"))
+            refusal = self.gate.admit(self.client) if self.gate is not None else None
+            if refusal is not None:
+                self._refused = True
+                log.warning(
+                    "receive.connection_refused", extra={"client": self.client, "why": refusal}
+                )
+                cast(asyncio.WriteTransport, transport).write(
+                    f"421 4.7.0 {self.hostname} Error: {refusal}\r\n".encode()
+                )
+                transport.close()
+                return
+            self._admitted = self.gate is not None
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._admitted and self.gate is not None:
+            self._admitted = False
+            self.gate.release(self.client)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
     async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str):
-            await super().push(enhance(status, hostname=self.hostname))
-        else:
+        if self.transport is None or self.transport.is_closing():
+            return  # we have hung up: nothing more to say
+        if isinstance(status, bytes):
             await super().push(status)
+            return
+        reply = enhance(status, hostname=self.hostname)
+        await super().push(reply)
+        if reply.startswith(("421", "521")):
+            await self._hang_up()
+        elif self.errors.spend(reply):
+            log.warning(
+                "receive.too_many_errors",
+                extra={"client": self.client, "errors": self.errors.errors},
+            )
+            await super().push(f"421 4.7.0 {self.hostname} Error: too many errors")
+            await self._hang_up()
+
+    async def _hang_up(self) -> None:
+        """Close the connection and end the session task here and now, so that nothing
+        the client pipelined after this reply is executed."""
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        await asyncio.sleep(0)  # inside the session task, the cancellation lands here
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineEnding):
+            log.warning(
+                "receive.bare_line_ending", extra={"client": self.client, "where": "command"}
+            )
+            return f"521 5.5.2 {self.hostname} Error: bare {error.what} received"
+        status: str = await super().handle_exception(error)
+        return status
+
+    def _timeout_cb(self) -> None:
+        """``idle_timeout`` or ``data_timeout`` ran out: say so (RFC 5321 §3.8), then drop
+        the connection without waiting for the client to read it."""
+        if self.transport is None:
+            return  # already gone
+        # uvloop's transports are not asyncio.Transport instances, hence a cast, not a check
+        transport = cast(asyncio.Transport, self.transport)
+        log.info("receive.timeout", extra={"client": self.client})
+        if not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        transport.abort()
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        await super().smtp_QUIT(arg)
+        await asyncio.sleep(0)  # aiosmtpd cancelled the session task: let it end here
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's timer restarts only when a command arrives, so once armed here it is
+        # a deadline for the whole message, however slowly the bytes trickle in.
+        self._reset_timeout(self.limits.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.implicit_tls or (self.session is not None and self.session.ssl is not None):
             await self.push("503 5.5.1 TLS already active")
             return
+        reader = self._reader
+        pipelined = reader.buffered() if isinstance(reader, _CommandLineReader) else 0
+        if pipelined:
+            # RFC 3207 §4.2: nothing may follow STARTTLS before the handshake. aiosmtpd
+            # (>= 1.4.6) drops these bytes when TLS starts; they are never executed.
+            log.warning(
+                "receive.starttls.pipelined", extra={"client": self.client, "bytes": pipelined}
+            )
         await super().smtp_STARTTLS(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -179,6 +395,8 @@ def _protocol_factory(
     context: ssl.SSLContext,
     authenticator: Authenticator | None,
     hostname: str,
+    gate: ConnectionGate,
+    auth_failures: AuthFailures,
 ) -> Callable[[], RelaySMTP]:
     implicit = listener.mode == "smtps"
     submission = listener.mode == "submission"
@@ -199,6 +417,9 @@ def _protocol_factory(
             auth_require_tls=not implicit,
             auth_required=submission,
             authenticator=authenticator,
+            limits=config.limits,
+            gate=gate,
+            auth_failures=auth_failures,
             loop=asyncio.get_running_loop(),
         )
 
@@ -226,6 +447,9 @@ async def start_listeners(
     """
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
+    # One count for every listener: another port is no way around a limit.
+    gate = ConnectionGate(config.limits.connections, config.limits.connections_per_client)
+    auth_failures = AuthFailures(config.limits.auth_failures, config.limits.auth_failure_window)
     try:
         for index, listener in enumerate(config.listeners):
             if listener.mode == "submission" and authenticator is None:
@@ -234,7 +458,9 @@ async def start_listeners(
                 )
             context = tls_for(listener)
             handler = RelayHandler(config, listener, accept, hostname)
-            factory = _protocol_factory(config, listener, handler, context, authenticator, hostname)
+            factory = _protocol_factory(
+                config, listener, handler, context, authenticator, hostname, gate, auth_failures
+            )
             try:
                 server = await loop.create_server(
                     factory,

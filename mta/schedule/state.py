@@ -235,7 +235,7 @@ def decode_state(data: bytes) -> MessageState:
             received_at=_number(doc["received_at"]),
             recipients=tuple(_decode_rcpt(item) for item in rcpts),
         )
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # JSONDecodeError: ValueError
         raise StateError(f"state record: {type(err).__name__}") from None
 
 

@@ -7,7 +7,6 @@ with ``smtplib`` (or raw bytes where a well-behaved client would not send them).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import logging
@@ -22,136 +21,26 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mta.config import Config, parse_text
 from mta.errors import ConfigError, SpoolError
-from mta.model import Envelope, QueueId
-from mta.receive.auth import PasswordFile, add_user
-from mta.receive.server import Authenticator, start_listeners
-from mta.receive.tls import server_context
-
-HOST = "127.0.0.1"
-TRUSTED = "127.0.0.2"  # the only relay.networks entry in these tests
-TIMEOUT = 10.0
-USER, PASSWORD = "alice", "correct horse battery"
-
-
-class Recorder:
-    """A fake ``accept``: records what it is given, or raises ``fail``."""
-
-    def __init__(self, fail: BaseException | None = None) -> None:
-        self.fail = fail
-        self.calls: list[tuple[Envelope, bytes]] = []
-        self.attempts = 0
-
-    async def __call__(self, envelope: Envelope, content: bytes) -> QueueId:
-        self.attempts += 1
-        if self.fail is not None:
-            raise self.fail
-        self.calls.append((envelope, content))
-        return QueueId(f"Q{len(self.calls):04d}")
-
-
-class Relay:
-    """``start_listeners`` running on an event loop in a background thread."""
-
-    def __init__(
-        self,
-        config: Config,
-        accept: Recorder,
-        context: ssl.SSLContext,
-        authenticator: Authenticator | None,
-    ) -> None:
-        self.config, self.accept, self.context = config, accept, context
-        self.authenticator = authenticator
-        self.ports: list[int] = []
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            servers = await start_listeners(
-                self.config, self.accept, lambda _l: self.context, self.authenticator, "mx.test"
-            )
-        except BaseException as err:
-            self._error = err
-            self._ready.set()
-            return
-        self.ports = [server.sockets[0].getsockname()[1] for server in servers]
-        self._ready.set()
-        await self._stop.wait()
-        for server in servers:
-            server.close()
-        for server in servers:
-            await server.wait_closed()
-
-    def __enter__(self) -> Relay:
-        self._thread.start()
-        assert self._ready.wait(TIMEOUT), "listeners did not start"
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive(), "listeners did not stop"
-
-    @property
-    def port(self) -> int:
-        return self.ports[0]
-
-    def client(self, source: str = HOST) -> smtplib.SMTP:
-        return smtplib.SMTP(
-            HOST,
-            self.port,
-            local_hostname="client.test",
-            timeout=TIMEOUT,
-            source_address=(source, 0),
-        )
-
-
-def make_config(
-    home: Path,
-    *,
-    listener: str = 'mode = "relay"',
-    auth: bool = True,
-    limits: str = "",
-) -> Config:
-    """A test policy; listener ports are set to 0 (the OS picks) after validation."""
-    text = f"""
-hostname = "mx.test"
-[[listener]]
-address = "{HOST}"
-{listener}
-[relay]
-networks = ["{TRUSTED}/32"]
-local_domains = ["local.test"]
-[limits]
-message_size = "64k"
-{limits}
-"""
-    if auth:
-        text += '[auth]\npassword_file = "passwd"\n'
-    config = parse_text(text, "test.toml", home)
-    ports0 = tuple(dataclasses.replace(lc, port=0) for lc in config.listeners)
-    return dataclasses.replace(config, listeners=ports0)
+from mta.receive.auth import PasswordFile
+from tests.integration.inbound import (
+    HOST,
+    PASSWORD,
+    TIMEOUT,
+    TRUSTED,
+    USER,
+    Recorder,
+    Relay,
+    listener_context,
+    make_config,
+    password_file,
+    wait_for_record,
+)
 
 
 @pytest.fixture(scope="module")
 def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    directory = tmp_path_factory.mktemp("server-tls")
-    issued = tls_ca.issue_cert(HOST, "mx.test")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    issued.private_key_pem.write_to_path(str(key))
-    for index, blob in enumerate(issued.cert_chain_pems):
-        blob.write_to_path(str(cert), append=index > 0)
-    return server_context(cert, key)
+    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
 
 
 @pytest.fixture
@@ -161,9 +50,7 @@ def client_tls(ca_file: Path) -> ssl.SSLContext:
 
 @pytest.fixture(scope="module")
 def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
-    path = tmp_path_factory.mktemp("auth") / "passwd"
-    add_user(path, USER, PASSWORD)
-    return PasswordFile.load(path)
+    return password_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture
@@ -481,7 +368,7 @@ def test_tls_1_1_refused(relay: Relay, ca_file: Path, caplog: pytest.LogCaptureF
     finally:
         smtp.close()
     # The server's own log shows that it, not the client, refused the handshake.
-    record = _wait_for_record(caplog, "receive.tls_failed")
+    record = wait_for_record(caplog, "receive.tls_failed")
     assert vars(record)["reason"] == "UNSUPPORTED_PROTOCOL"
 
 
@@ -501,7 +388,7 @@ def test_non_forward_secret_suite_refused(
     finally:
         smtp.close()
     # The server's own log shows that it, not the client, refused the handshake.
-    record = _wait_for_record(caplog, "receive.tls_failed")
+    record = wait_for_record(caplog, "receive.tls_failed")
     assert vars(record)["reason"] == "NO_SHARED_CIPHER"
 
 
@@ -513,17 +400,6 @@ def test_tls_1_2_forward_secret_accepted(relay: Relay, recorder: Recorder, ca_fi
         assert smtp.sendmail("a@example.test", ["b@local.test"], MESSAGE[:-3]) == {}
     content = recorder.calls[0][1]
     assert b"(using TLSv1.2 with cipher ECDHE-" in content
-
-
-def _wait_for_record(caplog: pytest.LogCaptureFixture, event: str) -> logging.LogRecord:
-    """The server logs on its own thread: wait (bounded) for the record to arrive."""
-    pause = threading.Event()
-    for _ in range(100):
-        for record in caplog.records:
-            if record.getMessage() == event:
-                return record
-        pause.wait(0.05)
-    raise AssertionError(f"no {event} record")
 
 
 # --- DATA ---
@@ -654,7 +530,7 @@ def test_accepted_log_has_facts_not_addresses(
         smtp.docmd("MAIL FROM:<secret.sender@example.test>")
         smtp.docmd("RCPT TO:<b@local.test>")
         assert send_data(smtp, MESSAGE).startswith("250")
-    _wait_for_record(caplog, "receive.accepted")
+    wait_for_record(caplog, "receive.accepted")
     record = next(r for r in caplog.records if r.getMessage() == "receive.accepted")
     facts = vars(record)
     assert facts["qid"] == "Q0001"
@@ -706,7 +582,9 @@ def test_idle_client_disconnected(
         socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock,
     ):
         assert sock.recv(512).startswith(b"220")
-        assert sock.recv(512) == b""  # closed by the server, well before TIMEOUT
+        stream = sock.makefile("rb")
+        assert stream.readline() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        assert stream.read() == b""  # closed by the server, well before TIMEOUT
 
 
 def test_listener_config_port_in_use_names_listener(

@@ -1,0 +1,274 @@
+"""Hostile far ends for outbound tests: a receiving server that lies, and a man in the middle.
+
+Both run asyncio on their own event loop in a background thread, on a loopback address.
+
+``HostileServer`` is a minimal SMTP server written on raw streams, so that it can do what
+aiosmtpd never would: after ``220`` to STARTTLS it sends ``inject`` (extra reply lines a
+man in the middle could have slipped in), in the same write as the ``220`` or right after
+it, then starts TLS (``StreamWriter.start_tls``). Every command line it reads is kept
+with whether it came over TLS; every message with the exact bytes of its DATA section.
+Its own replies after TLS say ``real``, so a client that took an injected line for a
+reply is caught by the text.
+
+``StrippingProxy`` sits between a client and an SMTP server: in ``"pass"`` mode it only
+forwards (raw bytes once STARTTLS has gone through), in ``"hide"`` mode it removes
+STARTTLS from EHLO replies, in ``"454"`` mode it answers STARTTLS itself with ``454`` and
+never forwards it. It keeps the plaintext the client sent, so a test can show that no
+mail command crossed in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal
+
+START_TIMEOUT: Final = 10.0
+
+ProxyMode = Literal["pass", "hide", "454"]
+
+
+class _LoopThread:
+    """An event loop in a daemon thread that runs one ``asyncio.start_server``."""
+
+    def __init__(self, host: str, port: int, name: str) -> None:
+        self.host, self.port, self.name = host, port, name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _tracked(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await self.handle(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    def start(self) -> _LoopThread:
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=self.name, daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(START_TIMEOUT):
+            raise RuntimeError(f"{self.name} did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            server = loop.run_until_complete(
+                asyncio.start_server(self._tracked, self.host, self.port)
+            )
+        except BaseException as err:
+            self._error = err
+            asyncio.set_event_loop(None)
+            loop.close()
+            ready.set()
+            return
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._shutdown(server))
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(START_TIMEOUT)
+        self._thread = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A command line the server read, and whether it came over TLS."""
+
+    tls: bool
+    line: bytes
+
+
+class HostileServer(_LoopThread):
+    """An SMTP server that injects ``inject`` after its ``220`` to STARTTLS.
+
+    Parameters:
+        host: a loopback address.
+        context: the server TLS context (STARTTLS is offered only with one).
+        inject: bytes sent after ``220 Ready to start TLS`` and before the handshake.
+        separate: send them in a write of their own (else the same write as the 220).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        context: ssl.SSLContext | None = None,
+        inject: bytes = b"",
+        separate: bool = False,
+    ) -> None:
+        super().__init__(host, port, f"hostile-{host}")
+        self.context, self.inject, self.separate = context, inject, separate
+        self.commands: list[Seen] = []
+        self.messages: list[tuple[bool, bytes]] = []  # (over TLS, DATA bytes up to the dot)
+
+    def __enter__(self) -> HostileServer:
+        self.start()
+        return self
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = False
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            self.commands.append(Seen(tls, line))
+            verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                lines = [b"hostile.test", b"8BITMIME", b"SIZE 10485760"]
+                if self.context is not None and not tls:
+                    lines.append(b"STARTTLS")
+                reply = b"".join(b"250-" + item + b"\r\n" for item in lines[:-1])
+                writer.write(reply + b"250 " + lines[-1] + b"\r\n")
+            elif verb == b"STARTTLS" and self.context is not None and not tls:
+                ready = b"220 2.0.0 Ready to start TLS\r\n"
+                if self.separate:
+                    writer.write(ready)
+                    await writer.drain()
+                    writer.write(self.inject)
+                else:
+                    writer.write(ready + self.inject)
+                await writer.drain()
+                await writer.start_tls(self.context)
+                tls = True
+            elif verb == b"DATA":
+                writer.write(b"354 2.0.0 go ahead\r\n")
+                data = b""
+                while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                    data += chunk
+                self.messages.append((tls, data))
+                writer.write(b"250 2.0.0 real: queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 real: bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 2.0.0 real: ok\r\n")
+            await writer.drain()
+
+
+class StrippingProxy(_LoopThread):
+    """A man in the middle in front of ``upstream`` (host, port); see the module docstring.
+
+    ``mode`` may be changed between connections. ``plaintext`` is what clients sent
+    before TLS (every connection, in order).
+    """
+
+    def __init__(
+        self, host: str, port: int, upstream: tuple[str, int], mode: ProxyMode = "pass"
+    ) -> None:
+        super().__init__(host, port, f"proxy-{host}")
+        self.upstream = upstream
+        self.mode: ProxyMode = mode
+        self.plaintext = b""
+
+    def __enter__(self) -> StrippingProxy:
+        self.start()
+        return self
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        mode = self.mode
+        tls = asyncio.Event()  # STARTTLS forwarded and answered 220: now just bytes
+
+        async def client_to_server() -> None:
+            while not tls.is_set():
+                line = await reader.readline()
+                if not line:
+                    return
+                self.plaintext += line
+                if line.strip().upper() == b"STARTTLS":
+                    if mode == "454":
+                        writer.write(b"454 4.7.0 TLS not available due to local problem\r\n")
+                        continue
+                    up_writer.write(line)
+                    break  # the client waits for the 220; then only TLS bytes follow
+                up_writer.write(line)
+            await _pump(reader.read, up_writer)
+
+        async def server_to_client() -> None:
+            reply: list[bytes] = []
+            while not tls.is_set():
+                line = await up_reader.readline()
+                if not line:
+                    return
+                reply.append(line)
+                if line[3:4] == b"-":
+                    continue
+                if mode == "hide":
+                    reply = _without_starttls(reply)
+                writer.write(b"".join(reply))
+                if reply[-1].startswith(b"220 2.0.0 Ready") or reply[-1].startswith(b"220 Ready"):
+                    tls.set()
+                reply = []
+            await _pump(up_reader.read, writer)
+
+        try:
+            await asyncio.gather(client_to_server(), server_to_client())
+        finally:
+            up_writer.close()
+
+
+def _without_starttls(reply: list[bytes]) -> list[bytes]:
+    """An EHLO reply without its STARTTLS line (the last line keeps its space)."""
+    kept = [line for line in reply if line[4:].strip().upper() != b"STARTTLS"]
+    if kept and kept != reply:
+        last = kept[-1]
+        kept[-1] = last[:3] + b" " + last[4:]
+    return kept
+
+
+async def _pump(read: Callable[[int], Awaitable[bytes]], writer: asyncio.StreamWriter) -> None:
+    while data := await read(65536):
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+    writer.close()

@@ -1,0 +1,301 @@
+"""Inbound limits, each with the reply it must give (``limits.*``; mta/receive/server.py).
+
+Line lengths (RFC 5321 §4.5.3.1): a command line over 512 octets and a text line over
+1000 get ``500 5.5.2`` and the session goes on. Size: ``552 5.3.4``. Recipients:
+``452 4.5.3`` (not counted as the client's errors until far past the limit). Errors per
+session: ``421 4.7.0`` and disconnect. Connections per client and in total: ``421
+4.7.0`` instead of the greeting. Idle and DATA time: ``421 4.4.2`` and disconnect, and a
+slowloris client trickling its message byte by byte is cut off at the DATA deadline
+however busy it looks. AUTH failures per client address: ``421 4.7.0``, even with the
+right password, from that address only.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mta.errors import SpoolError
+from mta.receive.auth import PasswordFile
+from tests.integration.inbound import (
+    HOST,
+    PASSWORD,
+    TIMEOUT,
+    USER,
+    RawSmtp,
+    Recorder,
+    Relay,
+    listener_context,
+    make_config,
+    password_file,
+)
+
+OTHER = "127.0.0.3"  # another client
+THIRD = "127.0.0.4"
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+@pytest.fixture(scope="module")
+def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
+
+
+@pytest.fixture(scope="module")
+def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
+    return password_file(tmp_path_factory.mktemp("auth"))
+
+
+@pytest.fixture
+def limits() -> str:
+    """The ``[limits]`` lines of the relay under test (a test overrides it by parametrize)."""
+    return ""
+
+
+@pytest.fixture
+def relay(
+    tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile, limits: str
+) -> Iterator[Relay]:
+    config = make_config(tmp_path, limits=limits)
+    with Relay(config, Recorder(), server_tls, passwords.authenticator) as running:
+        yield running
+
+
+def with_limits(text: str) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("limits", [text], ids=[text.replace("\n", ",")])
+
+
+def greeted(relay: Relay, source: str = HOST) -> RawSmtp:
+    client = RawSmtp(relay.port, source=source)
+    assert client.reply().startswith("220 mx.test")
+    assert client.command("EHLO client.test").endswith("250 HELP")
+    return client
+
+
+def start_transaction(client: RawSmtp) -> None:
+    assert client.command("MAIL FROM:<a@example.test>").startswith("250")
+    assert client.command("RCPT TO:<b@local.test>").startswith("250")
+    assert client.command("DATA").startswith("354")
+
+
+# --- line lengths ---
+
+
+def test_command_line_limit_is_512_octets(relay: Relay) -> None:
+    with greeted(relay) as client:
+        assert client.command("NOOP " + "x" * 507) == "250 2.0.0 OK"  # 512 before CRLF
+        assert client.command("NOOP " + "x" * 508) == "500 5.5.2 Command line too long"
+        assert client.command("NOOP " + "x" * 5000) == "500 5.5.2 Command line too long"
+        assert client.command("NOOP") == "250 2.0.0 OK"
+
+
+def test_repeated_ehlo_does_not_lengthen_the_mail_limit(relay: Relay) -> None:
+    """aiosmtpd adds 26 (SIZE) to MAIL's limit on every EHLO, for every session."""
+    with greeted(relay) as client:
+        for _ in range(30):
+            client.command("EHLO client.test")
+        path = "<" + "a" * 60 + "@" + ".".join(["d" * 60] * 8) + ".test>"
+        line = f"MAIL FROM:{path} SIZE=10"
+        assert 538 < len(line) < 600
+        assert client.command(line) == "500 5.5.2 Command line too long"
+    with greeted(relay) as other:  # nor for anyone else
+        assert other.command(line) == "500 5.5.2 Command line too long"
+
+
+def test_text_line_limit_is_1000_octets(relay: Relay) -> None:
+    with greeted(relay) as client:
+        start_transaction(client)
+        client.send(b"Subject: long\r\n\r\n" + b"x" * 998 + b"\r\n.\r\n")
+        assert client.reply().startswith("250 2.0.0 Ok: queued")
+        for length in (1000, 5000):
+            start_transaction(client)
+            client.send(b"Subject: too long\r\n\r\n" + b"x" * length + b"\r\nmore\r\n.\r\n")
+            assert client.reply() == "500 5.5.2 Line too long (1000 octets at most)"
+        assert client.command("NOOP") == "250 2.0.0 OK"
+    assert relay.accept.attempts == 1
+
+
+# --- size and recipients ---
+
+
+def test_message_size(relay: Relay) -> None:  # make_config: message_size = "64k"
+    with greeted(relay) as client:
+        assert client.command("MAIL FROM:<a@example.test> SIZE=65537").startswith("552 5.3.4")
+        assert client.command("MAIL FROM:<a@example.test> SIZE=65536").startswith("250")
+        assert client.command("RSET").startswith("250")
+        start_transaction(client)
+        client.send(b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 700 + b".\r\n")
+        assert client.reply() == "552 5.3.4 Message size exceeds fixed limit"
+        assert client.command("NOOP") == "250 2.0.0 OK"
+    assert relay.accept.attempts == 0
+
+
+@with_limits("recipients = 2\nerrors = 3")
+def test_too_many_recipients_is_452_and_not_an_error(relay: Relay) -> None:
+    with greeted(relay) as client:
+        assert client.command("MAIL FROM:<a@example.test>").startswith("250")
+        replies = [client.command(f"RCPT TO:<r{n}@local.test>") for n in range(8)]
+        assert [r[:9] for r in replies] == ["250 2.1.5"] * 2 + ["452 4.5.3"] * 6
+        assert client.command("DATA").startswith("354")
+        client.send(MESSAGE)
+        assert client.reply().startswith("250 2.0.0 Ok: queued")
+    assert relay.accept.calls[0][0].rcpt_tos == ("r0@local.test", "r1@local.test")
+
+
+# --- errors per session ---
+
+
+@with_limits("errors = 3")
+def test_too_many_errors_hangs_up_and_runs_nothing_after(relay: Relay) -> None:
+    with greeted(relay) as client:
+        client.send(
+            b"RCPT TO:<x@local.test>\r\nBOGUS\r\nDATA\r\n"  # three errors
+            b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n" + MESSAGE
+        )
+        assert client.reply().startswith("503")
+        assert client.reply().startswith("500")
+        assert client.reply().startswith("503")
+        assert client.reply() == "421 4.7.0 mx.test Error: too many errors"
+        assert client.rest() == b""
+    assert relay.accept.attempts == 0
+
+
+def test_nothing_pipelined_after_quit_runs(relay: Relay) -> None:
+    with greeted(relay) as client:
+        client.send(
+            b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@local.test>\r\nQUIT\r\nDATA\r\n" + MESSAGE
+        )
+        assert client.reply().startswith("250 2.1.0")
+        assert client.reply().startswith("250 2.1.5")
+        assert client.reply().startswith("221")
+        assert client.rest() == b""
+    assert relay.accept.attempts == 0
+
+
+@with_limits("errors = 2")
+def test_our_own_trouble_is_not_the_clients_error(
+    tmp_path: Path, server_tls: ssl.SSLContext, limits: str
+) -> None:
+    full = Recorder(fail=SpoolError("disk full"))
+    with (
+        Relay(make_config(tmp_path, limits=limits), full, server_tls, None) as relay,
+        greeted(relay) as client,
+    ):
+        for _ in range(3):
+            start_transaction(client)
+            client.send(MESSAGE)
+            assert client.reply() == "452 4.3.1 Insufficient system storage"
+        assert client.command("NOOP") == "250 2.0.0 OK"
+
+
+# --- connections per client and in total ---
+
+
+def refused(relay: Relay, source: str) -> str:
+    with RawSmtp(relay.port, source=source) as client:
+        reply = client.reply()
+        assert client.rest() == b""
+        return reply
+
+
+def admitted_again(relay: Relay, source: str) -> RawSmtp:
+    """A new connection from ``source``, once the server has counted a closed one out."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        client = RawSmtp(relay.port, source=source)
+        if client.reply().startswith("220"):
+            return client
+        client.close()
+        assert time.monotonic() < deadline, "the closed connection was never counted out"
+        time.sleep(0.05)
+
+
+@with_limits("connections = 3\nconnections_per_client = 2")
+def test_connections_per_client_and_in_total(relay: Relay) -> None:
+    first, second = greeted(relay), greeted(relay)
+    try:
+        assert refused(relay, HOST) == (
+            "421 4.7.0 mx.test Error: too many connections from 127.0.0.1"
+        )
+        with greeted(relay, OTHER):  # another client still gets in: 3 in all
+            assert refused(relay, THIRD) == "421 4.7.0 mx.test Error: too many connections"
+        first.close()
+        with admitted_again(relay, HOST):
+            pass
+    finally:
+        first.close()
+        second.close()
+
+
+# --- time: idle, DATA deadline, slowloris ---
+
+
+@with_limits('idle_timeout = "1s"')
+def test_slow_command_is_cut_off_at_the_idle_timeout(relay: Relay) -> None:
+    with greeted(relay) as client:
+        took, said = client.trickle(b"NOOP\r\n" * 5, pause=0.3)
+        assert said == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        assert 0.5 < took < 3
+        assert client.rest() == b""
+
+
+@with_limits('idle_timeout = "10s"\ndata_timeout = "1.5s"\nconnections_per_client = 1')
+def test_slowloris_data_is_cut_off_at_the_data_deadline(relay: Relay) -> None:
+    """Bytes every 0.1 s keep no per-read timer from firing; the DATA deadline still does,
+    and the slot it held is free again."""
+    with greeted(relay) as client:
+        start_transaction(client)
+        assert refused(relay, HOST).startswith("421 4.7.0")  # the slow client holds the slot
+        took, said = client.trickle(b"Subject: slow\r\n\r\n" + b"x" * 200, pause=0.1)
+        assert said == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        assert 1.0 < took < 4
+        assert client.rest() == b""
+    with admitted_again(relay, HOST):
+        pass
+    assert relay.accept.attempts == 0
+
+
+@with_limits('idle_timeout = "1s"\ndata_timeout = "30s"')
+def test_idle_timeout_applies_again_after_data(relay: Relay) -> None:
+    with greeted(relay) as client:
+        start_transaction(client)
+        client.send(MESSAGE)
+        assert client.reply().startswith("250 2.0.0 Ok: queued")
+        started = time.monotonic()
+        assert client.line() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        assert time.monotonic() - started < 3
+
+
+# --- AUTH failures per client address ---
+
+
+def auth_plain(client: RawSmtp, password: str) -> str:
+    blob = base64.b64encode(f"\0{USER}\0{password}".encode()).decode()
+    return client.command(f"AUTH PLAIN {blob}")
+
+
+def over_tls(relay: Relay, ca_file: Path, source: str = HOST) -> RawSmtp:
+    client = greeted(relay, source)
+    assert client.command("STARTTLS").startswith("220")
+    client.starttls(ssl.create_default_context(cafile=str(ca_file)))
+    assert client.command("EHLO client.test").endswith("250 HELP")
+    return client
+
+
+@with_limits('auth_failures = 2\nauth_failure_window = "1m"')
+def test_auth_failures_are_rate_limited_per_client(relay: Relay, ca_file: Path) -> None:
+    blocked = "421 4.7.0 mx.test Error: too many AUTH failures from 127.0.0.1"
+    with over_tls(relay, ca_file) as client:
+        assert auth_plain(client, "wrong").startswith("535 5.7.8")
+        assert auth_plain(client, "wrong again").startswith("535 5.7.8")
+        assert auth_plain(client, PASSWORD) == blocked
+        assert client.rest() == b""
+    with over_tls(relay, ca_file) as client:  # a new connection does not reset it
+        assert auth_plain(client, PASSWORD) == blocked
+    with over_tls(relay, ca_file, OTHER) as client:  # another address is not affected
+        assert auth_plain(client, PASSWORD).startswith("235")
