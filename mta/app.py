@@ -22,7 +22,7 @@ from typing import Final
 
 from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
-from mta.control import start_control
+from mta.control import process_stats, start_control
 from mta.deliver.agent import DeliveryAgent
 from mta.deliver.verify import TrustStore, load_trust_store
 from mta.errors import ConfigError, KeyFileError
@@ -53,7 +53,8 @@ def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
 
     A missing key file next to spooled messages is an operator error (a lost or
     unmounted key): refuse to start rather than quarantine every message. Likewise
-    when a spooled record names a key the file does not hold.
+    when a spooled record names a key the file does not hold, or when the file holds
+    a different key under a record's key id (it opens none of that id's records).
     """
     key_file = config.spool.key_file
     spooled = spool.queue_ids()
@@ -70,6 +71,13 @@ def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
         raise KeyFileError(
             f"{key_file}: spooled messages need key ids {', '.join(missing)} that it "
             "does not hold (refusing to start; the spool is untouched)"
+        )
+    wrong = spool.keys_opening_nothing(keyring.get)
+    if wrong:
+        raise KeyFileError(
+            f"{key_file}: key id {', '.join(wrong)} opens none of the spooled records "
+            "sealed under it: a different key with the same id (refusing to start; the "
+            "spool is untouched)"
         )
     return keyring, False
 
@@ -234,7 +242,7 @@ async def start(config: Config) -> Relay:
 
     async def accept(envelope: Envelope, content: bytes) -> QueueId:
         qid = await store.put(envelope, content)
-        scheduler.enqueue(qid, envelope)
+        scheduler.enqueue(qid, envelope, content)
         return qid
 
     tasks = [asyncio.create_task(scheduler.run(), name="scheduler")]
@@ -248,12 +256,21 @@ async def start(config: Config) -> Relay:
         keyring.reload()
         return f"ok active={keyring.active_id}"
 
+    def stats() -> str:
+        figures = {
+            "queued": scheduler.queued,
+            "in_flight": scheduler.in_flight,
+            **process_stats(),
+        }
+        return "ok " + " ".join(f"{name}={value}" for name, value in figures.items())
+
     control = await start_control(
         config.control_socket,
         {
             "flush": lambda: f"ok {scheduler.flush()}",
             "reload-keys": reload_keys,
             "ping": lambda: "ok",
+            "stats": stats,
         },
     )
     log.info(

@@ -1,4 +1,4 @@
-"""The ``mta`` command: run | queue | keys | passwd | policy.
+"""The ``mta`` command: run | queue | stats | keys | passwd | check | policy.
 
 Exit status: 0 ok, 1 operational failure (e.g. a refused key file), 2 bad policy or
 usage. Errors are one line on stderr naming the file, the key and the problem.
@@ -72,6 +72,19 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
         print(f"mta: relay answered: {answer}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"flushed: {answer.removeprefix('ok').strip()} message(s) due now")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    answer = control.ask(cfg.control_socket, "stats")
+    if answer is None:
+        print("mta: relay not running", file=sys.stderr)
+        return EXIT_FAILURE
+    if not answer.startswith("ok"):
+        print(f"mta: relay answered: {answer}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(answer.removeprefix("ok").strip())
     return EXIT_OK
 
 
@@ -181,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     qlist.set_defaults(func=cmd_queue_list)
     qflush = with_config(queue.add_parser("flush", help="retry every queued message now"))
     qflush.set_defaults(func=cmd_queue_flush)
+
+    stats = with_config(
+        sub.add_parser("stats", help="queue and process figures of the running relay")
+    )
+    stats.set_defaults(func=cmd_stats)
 
     keys = with_config(sub.add_parser("keys", help="spool key management"))
     keys.add_argument("action", choices=["list", "rotate", "prune"])

@@ -2,7 +2,9 @@
 
 One command per connection, one line each way: ``flush`` -> ``ok 3``. Like Postfix's
 ``postqueue -f`` poking qmgr. Commands are looked up in a fixed table; nothing from
-the socket reaches a shell or a file name.
+the socket reaches a shell or a file name. ``process_stats`` is what ``stats`` reports
+about the process itself (asyncio tasks, resident memory, open file descriptors, Python
+heap blocks): the figures an operator watches for a leak after a storm of failing peers.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final
 
 log = logging.getLogger(__name__)
+
+_STATM: Final = Path("/proc/self/statm")
+_FD_DIRS: Final = (Path("/proc/self/fd"), Path("/dev/fd"))
 
 Command = Callable[[], Awaitable[str] | str]
 MAX_LINE: Final = 256
@@ -50,6 +56,39 @@ async def start_control(path: Path, commands: Mapping[str, Command]) -> asyncio.
     finally:
         os.umask(old_umask)
     return server
+
+
+def process_stats() -> dict[str, int]:
+    """The running process: ``tasks`` (asyncio tasks alive, this one included),
+    ``rss_kb`` (resident memory now, not the peak), ``fds`` (open file descriptors) and
+    ``py_blocks`` (memory blocks the Python heap holds: objects that pile up show here
+    long before in ``rss_kb``, which also counts the allocators' warm-up and caches).
+
+    ``rss_kb`` and ``fds`` are -1 where the system does not expose them (no ``/proc``).
+    """
+    return {
+        "tasks": len(asyncio.all_tasks()),
+        "rss_kb": _rss_kb(),
+        "fds": _open_fds(),
+        "py_blocks": sys.getallocatedblocks(),
+    }
+
+
+def _rss_kb() -> int:
+    try:
+        resident_pages = int(_STATM.read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _open_fds() -> int:
+    for directory in _FD_DIRS:
+        try:
+            return len(os.listdir(directory)) - 1  # less the one listdir itself opened
+        except OSError:
+            continue
+    return -1
 
 
 async def _ask(path: Path, command: str, wait: float) -> str:

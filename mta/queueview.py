@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from mta.config import Config
-from mta.errors import SpoolCorrupt
+from mta.errors import SpoolCorrupt, SpoolError
 from mta.model import QueueId
 from mta.schedule.state import (
     MessageState,
@@ -30,14 +30,22 @@ def _store(config: Config) -> SpoolStore:
 
 
 async def _state(store: SpoolStore, qid: QueueId) -> MessageState | None:
-    """The message's state, or ``None`` when it vanished (delivered) or is corrupt."""
+    """The message's state, or ``None`` when it vanished (delivered) or is corrupt.
+
+    A running relay removes delivered messages while we list: a message file that is
+    gone by the time we read it is not an error.
+    """
     try:
         data = await store.read_state(qid)
         if data is not None:
             return decode_state(data)
         envelope, _ = await store.read(qid)
-    except (SpoolCorrupt, FileNotFoundError):
+    except SpoolCorrupt:
         return None
+    except SpoolError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return None
+        raise
     return initial_state(envelope)
 
 

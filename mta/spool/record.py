@@ -161,6 +161,15 @@ def read_header(data: bytes) -> RecordHeader:
     return header
 
 
+def unwrap_data_key(header: RecordHeader, kek: bytes) -> bytes:
+    """The record's data key, unwrapped with ``kek`` (``RecordError`` if it is not the key
+    the record was sealed under). Needs the header only: a cheap test of a key."""
+    try:
+        return AESGCM(kek).decrypt(header.wrap_nonce, header.wrapped_key, header.wrap_aad)
+    except InvalidTag:
+        raise RecordError("record data key failed authentication") from None
+
+
 # --- chunks ---
 
 
@@ -385,10 +394,7 @@ class Opener:
         kek = self._keys(header.key_id)
         if kek is None:
             raise RecordError(f"record sealed under unknown key id {header.key_id!r}")
-        try:
-            return AESGCM(kek).decrypt(header.wrap_nonce, header.wrapped_key, header.wrap_aad)
-        except InvalidTag:
-            raise RecordError("record data key failed authentication") from None
+        return unwrap_data_key(header, kek)
 
     def _open_full_chunks(self, cipher: _ChunkCipher) -> list[bytes]:
         out = []

@@ -34,7 +34,16 @@ from mta.model import Envelope, QueueId
 from mta.spool import _files
 from mta.spool.envelope import decode_message, encode_message
 from mta.spool.keys import KeyRing
-from mta.spool.record import MAX_HEADER_SIZE, RecordError, RecordKind, read_header, seal, unseal
+from mta.spool.record import (
+    MAX_HEADER_SIZE,
+    RecordError,
+    RecordHeader,
+    RecordKind,
+    read_header,
+    seal,
+    unseal,
+    unwrap_data_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +66,10 @@ def _storage_errors(action: str, qid: str) -> Iterator[None]:
         yield
     except OSError as err:
         reason = err.strerror or errno.errorcode.get(err.errno or 0, "I/O error")
-        log.error("spool.io_error", extra={"action": action, "qid": qid, "error": reason})
+        # A file that is not there is the caller's news to judge (``mta queue list``
+        # races with deliveries); anything else is the disk's, and an operator's.
+        level = logging.DEBUG if isinstance(err, FileNotFoundError) else logging.ERROR
+        log.log(level, "spool.io_error", extra={"action": action, "qid": qid, "error": reason})
         raise SpoolError(f"cannot {action} {qid}: {reason}") from err
 
 
@@ -98,6 +110,33 @@ class SpoolDirectory:
                 if key_id is not None:
                     counts[key_id] = counts.get(key_id, 0) + 1
         return counts
+
+    def keys_opening_nothing(self, keys: Callable[[str], bytes | None]) -> list[str]:
+        """Key ids under which queued records are sealed but whose key (``keys``) opens
+        none of them: the key file holds a different key under that id.
+
+        Reads headers only (``msg/`` and ``state/``) and tries each record's wrapped data
+        key until one opens. A key that opens some of its records is the right one; the
+        others are corrupt and are quarantined when read. Ids ``keys`` lacks are left out
+        (``key_references`` finds those).
+        """
+        opened: set[str] = set()
+        failed: set[str] = set()
+        for directory in (self.msg_dir, self.state_dir):
+            for name, _ in _records(directory):
+                header = _header_of(directory / name)
+                if header is None or header.key_id in opened:
+                    continue
+                kek = keys(header.key_id)
+                if kek is None:
+                    continue
+                try:
+                    unwrap_data_key(header, kek)
+                except RecordError:
+                    failed.add(header.key_id)
+                else:
+                    opened.add(header.key_id)
+        return sorted(failed - opened)
 
     def sweep_tmp(self) -> None:
         """At start: remove half-written temp files, and states whose message is gone."""
@@ -280,8 +319,13 @@ def _records(directory: Path, *, any_name: bool = False) -> list[tuple[str, int]
     return out
 
 
-def _key_id_of(path: Path) -> str | None:
+def _header_of(path: Path) -> RecordHeader | None:
     try:
-        return read_header(_files.read_file(path, MAX_HEADER_SIZE)).key_id
+        return read_header(_files.read_file(path, MAX_HEADER_SIZE))
     except (OSError, RecordError):
         return None
+
+
+def _key_id_of(path: Path) -> str | None:
+    header = _header_of(path)
+    return header.key_id if header is not None else None

@@ -13,6 +13,10 @@ address, with one of four TLS set-ups:
 Every accepted message is recorded with the TLS protocol and cipher it arrived over.
 ``rcpt_reply`` maps a recipient address to the reply line to refuse it with (e.g.
 ``{"bad@dest.test": "550 5.1.1 No such user"}``); other recipients are accepted.
+Two misbehaviours for fault tests: ``data_delay`` seconds of silence before the reply to
+the end of DATA (the message is recorded after it, whether or not the client waited),
+and ``drop_in_data``, which drops the connection (TCP reset) after the first line of
+the message, without a reply.
 
     with Receiver("127.0.0.2", tls="fs", ca=tls_ca) as receiver:
         ...deliver to receiver.host:receiver.port...
@@ -91,7 +95,22 @@ class _AlertingTlsProtocol(sslproto.SSLProtocol):
 
 
 class _Smtp(SMTP):
-    """aiosmtpd's SMTP with ``_AlertingTlsProtocol`` under STARTTLS (else unchanged)."""
+    """aiosmtpd's SMTP with ``_AlertingTlsProtocol`` under STARTTLS, and a DATA that can
+    drop the connection part way (``drop_in_data``); else unchanged."""
+
+    drop_in_data = False
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if not self.drop_in_data or not (self.envelope and self.envelope.rcpt_tos):
+            await super().smtp_DATA(arg)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._reader.readuntil(b"\r\n")  # the first line of the message, then gone
+        transport = self._original_transport or self.transport
+        if transport is not None:
+            transport.abort()
+        await self.loop.create_future()  # until connection_lost() cancels this handler
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -135,6 +154,8 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.receiver.data_delay:
+            await asyncio.sleep(self.receiver.data_delay)
         transport = server.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         version: str | None = None
@@ -167,6 +188,8 @@ class Receiver:
         rcpt_reply: recipient address -> reply line to refuse it with.
         cert: present this certificate chain instead of issuing one (policy scenarios).
         client_ca: require a client certificate issued by this CA (mutual TLS).
+        data_delay: seconds to wait before answering the end of DATA.
+        drop_in_data: drop the connection after the first line of each message.
     """
 
     def __init__(
@@ -179,6 +202,8 @@ class Receiver:
         rcpt_reply: dict[str, str] | None = None,
         cert: trustme.LeafCert | None = None,
         client_ca: trustme.CA | None = None,
+        data_delay: float = 0.0,
+        drop_in_data: bool = False,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -187,6 +212,8 @@ class Receiver:
         self.tls: TlsMode = tls
         self.ca = ca if ca is not None else trustme.CA()
         self.rcpt_reply = dict(rcpt_reply or {})
+        self.data_delay = data_delay
+        self.drop_in_data = drop_in_data
         self.messages: list[ReceivedMessage] = []
         self._changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -280,6 +307,7 @@ class Receiver:
             enable_SMTPUTF8=True,
             timeout=30,
         )
+        server.drop_in_data = self.drop_in_data
         self._servers.append(server)
         return server
 

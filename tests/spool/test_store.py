@@ -260,6 +260,25 @@ def test_key_references(store: SpoolStore, keyring: KeyRing) -> None:
     assert asyncio.run(store.read(third)) == (ENVELOPE, CONTENT)
 
 
+def test_keys_opening_nothing(store: SpoolStore, keyring: KeyRing) -> None:
+    old = keyring.active_id
+    first = put(store)
+    new = keyring.rotate()
+    put(store)
+    assert store.keys_opening_nothing(keyring.get) == []
+    impostor = {old: os.urandom(32), new: keyring.get(new)}
+    assert store.keys_opening_nothing(impostor.get) == [old]
+    assert store.keys_opening_nothing({}.get) == []  # unknown ids: key_references' job
+    # One corrupt record does not condemn a key that opens the others.
+    second = put(store)
+    data = bytearray((store.root / "msg" / second).read_bytes())
+    data[len(read_header(bytes(data)).raw) - 1] ^= 1  # in the wrapped data key
+    (store.root / "msg" / second).write_bytes(bytes(data))
+    assert store.keys_opening_nothing(keyring.get) == []
+    asyncio.run(store.remove(first))
+    assert store.keys_opening_nothing({old: os.urandom(32), new: os.urandom(32)}.get) == [new]
+
+
 def test_record_under_an_unknown_key_is_corrupt(store: SpoolStore) -> None:
     qid = QueueId("c" * 20)
     record = seal(
