@@ -56,7 +56,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
@@ -366,19 +366,64 @@ class RelaySMTP(SMTP):
             if self.transport is not None and not self.transport.is_closing():
                 self._reset_timeout()
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207 with the event loop's own TLS (uvloop's, in C, under ``mta run``).
+
+        aiosmtpd drives STARTTLS through asyncio's pure-Python TLS layer; every reply and
+        every read then costs a Python-level encryption step. ``loop.start_tls`` hands the
+        connection to the loop's implementation instead. Afterwards, as aiosmtpd does:
+        everything learned before TLS is forgotten and bytes pipelined after STARTTLS are
+        discarded, never executed (CVE-2024-34083, RFC 3207 §4.2).
+        """
         if self.implicit_tls or (self.session is not None and self.session.ssl is not None):
             await self.push("503 5.5.1 TLS already active")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 4.7.0 TLS not available")
             return
         reader = self._reader
         pipelined = reader.buffered() if isinstance(reader, _CommandLineReader) else 0
         if pipelined:
-            # RFC 3207 §4.2: nothing may follow STARTTLS before the handshake. aiosmtpd
-            # (>= 1.4.6) drops these bytes when TLS starts; they are never executed.
             log.warning(
                 "receive.starttls.pipelined", extra={"client": self.client, "bytes": pipelined}
             )
-        await super().smtp_STARTTLS(arg)
+        await self.push("220 2.0.0 Ready to start TLS")
+        plain = self.transport
+        try:
+            secure = await self.loop.start_tls(
+                cast(asyncio.WriteTransport, plain),
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=30,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+        if secure is None:  # the peer went away during the handshake
+            raise TLSSetupException()
+        self._original_transport = plain
+        self._tls_protocol = secure  # type: ignore[assignment]  # only its truth is read
+        self.transport = secure
+        # The same private hand-over aiosmtpd's own connection_made does after STARTTLS.
+        self._reader._transport = secure  # type: ignore[attr-defined]
+        self._writer._transport = secure  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # pipelined: discarded
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session = self._create_session()
+        self.session.peer = secure.get_extra_info("peername")
+        self.session.ssl = {
+            "ssl_object": secure.get_extra_info("ssl_object"),
+            "peercert": secure.get_extra_info("peercert"),
+            "cipher": secure.get_extra_info("cipher"),
+        }
+        self._tls_handshake_okay = True
+        self._reset_timeout()
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.rcpt_argument = arg
