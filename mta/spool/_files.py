@@ -41,18 +41,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
-    """Write ``data`` to the new file ``tmp``, then atomically make it ``final``.
-
-    On failure ``tmp`` is removed. If only the last directory fsync fails, ``final``
-    is in place but may not survive a crash; the caller decides what to do about it.
-    """
+def place(tmp: Path, final: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``tmp`` (fsynced), then atomically rename it to
+    ``final``. On failure ``tmp`` is removed. The new name is durable only once the
+    directory is fsynced (``fsync_dir``): ``replace_durably``, or once for a batch."""
     try:
         write_new(tmp, data)
         os.replace(tmp, final)
     except BaseException:
         unlink_quietly(tmp)
         raise
+
+
+def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
+    """``place`` then fsync the directory: ``final`` now survives a crash.
+
+    If only the directory fsync fails, ``final`` is in place but may not survive a
+    crash; the caller decides what to do about it.
+    """
+    place(tmp, final, data)
     fsync_dir(final.parent)
 
 

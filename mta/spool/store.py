@@ -172,28 +172,69 @@ class SpoolStore(SpoolDirectory):
         self.keyring = keyring
         self._random = random
         self._new_qid = new_qid or (lambda: random_qid(random))
+        self._batch: list[tuple[Envelope, bytes, asyncio.Future[QueueId]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     # --- messages ---
 
     async def put(self, envelope: Envelope, content: bytes) -> QueueId:
-        """Seal and store a message durably; return its queue id. ``SpoolError`` on failure."""
-        return await asyncio.to_thread(self._put, envelope, content)
+        """Seal and store a message durably; return its queue id. ``SpoolError`` on failure.
 
-    def _put(self, envelope: Envelope, content: bytes) -> QueueId:
+        Group commit: puts that arrive while a batch is being written wait for the next
+        one; each record of a batch is written and fsynced, then one directory fsync makes
+        all their names durable, and only then does any of them return.
+        """
+        waiter: asyncio.Future[QueueId] = asyncio.get_running_loop().create_future()
+        self._batch.append((envelope, content, waiter))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit(), name="spool-commit")
+        return await waiter
+
+    async def _commit(self) -> None:
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                items = [(envelope, content) for envelope, content, _ in batch]
+                outcomes = await asyncio.to_thread(self._put_many, items)
+                for (_, _, waiter), outcome in zip(batch, outcomes, strict=True):
+                    if waiter.done():  # its client went away: the record stays, unacknowledged
+                        continue
+                    if isinstance(outcome, SpoolError):
+                        waiter.set_exception(outcome)
+                    else:
+                        waiter.set_result(outcome)
+        finally:
+            self._committer = None
+
+    def _put_many(self, items: list[tuple[Envelope, bytes]]) -> list[QueueId | SpoolError]:
+        """Write a batch of messages; one directory fsync covers all their names."""
+        outcomes: list[QueueId | SpoolError] = []
+        for envelope, content in items:
+            try:
+                outcomes.append(self._place(envelope, content))
+            except SpoolError as err:
+                outcomes.append(err)
+        placed = [qid for qid in outcomes if not isinstance(qid, SpoolError)]
+        if not placed:
+            return outcomes
+        try:
+            with _storage_errors("store", placed[0]):
+                _files.fsync_dir(self.msg_dir)
+        except SpoolError as err:
+            for qid in placed:  # not acknowledged, so they must not be delivered either
+                _files.unlink_quietly(self.msg_dir / qid)
+            return [err if not isinstance(outcome, SpoolError) else outcome for outcome in outcomes]
+        for qid in placed:
+            log.info("spool.stored", extra={"qid": qid, "key_id": self.keyring.active_id})
+        return outcomes
+
+    def _place(self, envelope: Envelope, content: bytes) -> QueueId:
+        """Seal, write and fsync one message, and rename it into ``msg/`` (not yet durable)."""
         qid = self._fresh_qid()
         record = self._seal(RecordKind.MESSAGE, qid, encode_message(envelope, content))
-        final = self.msg_dir / qid
+        tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
         with _storage_errors("store", qid):
-            try:
-                self._write(qid, final, record)
-            except OSError:
-                # Not acknowledged, so it must not be delivered either.
-                _files.unlink_quietly(final)
-                raise
-        log.info(
-            "spool.stored",
-            extra={"qid": qid, "size": len(record), "key_id": self.keyring.active_id},
-        )
+            _files.place(tmp, self.msg_dir / qid, record)
         return qid
 
     def _fresh_qid(self) -> QueueId:

@@ -374,3 +374,56 @@ def test_sweep_tmp_removes_leftovers_and_orphan_states(store: SpoolStore) -> Non
     assert names_in(store.root / "tmp") == []
     assert names_in(store.root / "state") == [kept]
     assert store.queue_ids() == [kept]
+
+
+def test_concurrent_puts_share_directory_fsyncs_and_wait_for_them(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: fewer directory fsyncs than messages, and no put returns before the
+    fsync that covers its name."""
+    from mta.spool import _files
+
+    synced: set[str] = set()
+    calls: list[int] = []
+    real_fsync_dir = _files.fsync_dir
+
+    def counting_fsync_dir(path: Path) -> None:
+        real_fsync_dir(path)
+        if path == store.msg_dir:
+            calls.append(1)
+            synced.update(os.listdir(path))
+
+    monkeypatch.setattr(_files, "fsync_dir", counting_fsync_dir)
+
+    async def many() -> list[QueueId]:
+        async def one(n: int) -> QueueId:
+            qid = await store.put(ENVELOPE, CONTENT + str(n).encode())
+            assert qid in synced  # durable before it was acknowledged
+            return qid
+
+        return await asyncio.gather(*(one(n) for n in range(40)))
+
+    qids = asyncio.run(many())
+    assert len(set(qids)) == 40
+    assert sorted(names_in(store.msg_dir)) == sorted(qids)
+    assert 1 <= len(calls) < 40
+
+
+def test_a_failed_directory_fsync_fails_the_whole_batch(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mta.spool import _files
+
+    def broken(path: Path) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(_files, "fsync_dir", broken)
+
+    async def many() -> list[QueueId | BaseException]:
+        puts = (store.put(ENVELOPE, CONTENT) for _ in range(5))
+        return await asyncio.gather(*puts, return_exceptions=True)
+
+    outcomes = asyncio.run(many())
+    assert all(isinstance(outcome, SpoolError) for outcome in outcomes)
+    assert names_in(store.msg_dir) == []
+    assert names_in(store.tmp_dir) == []
