@@ -56,10 +56,11 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
+from mta.receive.data import DataStream
 from mta.receive.handler import Accept, RelayHandler, peer_ip
 from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
 from mta.reply import S501_BAD_ADDRESS, S530_STARTTLS_FIRST, S552_TOO_BIG
@@ -71,6 +72,7 @@ Authenticator = Callable[..., Any]
 
 TLS_HANDSHAKE_TIMEOUT: Final = 30.0
 IDENT: Final = "ESMTP mta"
+DATA_CHUNK: Final = 64 * 1024  # octets read at a time in DATA
 COMMAND_LINE: Final = 512  # octets, CRLF not counted (RFC 5321 §4.5.3.1.4)
 SIZE_PARAMETER: Final = 26  # " SIZE=" and up to 20 digits: MAIL may be this much longer (RFC 1870)
 
@@ -361,10 +363,42 @@ class RelaySMTP(SMTP):
         # a deadline for the whole message, however slowly the bytes trickle in.
         self._reset_timeout(self.limits.data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             if self.transport is not None and not self.transport.is_closing():
                 self._reset_timeout()
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the stream in chunks (``receive.data``) instead of a
+        Python loop iteration per line; replies, limits and hooks as aiosmtpd has them."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        stream = DataStream(self.data_size_limit or 0, self.line_length_limit)
+        while True:
+            chunk = await self._reader.read(DATA_CHUNK)
+            if not chunk:
+                return  # the client went away mid-DATA; aiosmtpd ends the session
+            if stream.feed(chunk):
+                break
+        # Whatever followed the end is the next command(s): give it back to the reader.
+        self._reader._buffer[:0] = stream.leftover  # type: ignore[attr-defined]
+        if stream.too_long or stream.too_big:
+            too_long = "500 Line too long (see RFC5321 4.5.3.1.6)"
+            await self.push(too_long if stream.too_long else "552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = stream.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -399,7 +433,7 @@ class RelaySMTP(SMTP):
                 self,
                 self.tls_context,
                 server_side=True,
-                ssl_handshake_timeout=30,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
             )
         except asyncio.CancelledError:
             raise

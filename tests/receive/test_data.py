@@ -1,0 +1,80 @@
+"""The chunked DATA reader agrees with aiosmtpd's line-by-line rules, however the
+stream is cut into chunks (hypothesis), including smuggling-shaped input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mta.receive.data import DataStream
+
+
+def reference(stream: bytes, size_limit: int, line_limit: int = 1001) -> tuple[str, bytes, bytes]:
+    """aiosmtpd's loop: read CRLF-terminated lines until a lone '.', then judge."""
+    lines, rest, size = [], stream, 0
+    state = "ok"
+    while True:
+        cut = rest.find(b"\r\n")
+        assert cut >= 0, "streams in these tests always hold an end"
+        line, rest = rest[: cut + 2], rest[cut + 2 :]
+        if line == b".\r\n":
+            break
+        size += len(line)
+        if state == "ok" and size_limit and size > size_limit:
+            state = "too_big"
+        if state == "ok" and len(line) > line_limit:
+            state = "too_long"
+        lines.append(line[1:] if line.startswith(b".") else line)
+    return state, b"".join(lines) if state == "ok" else b"", rest
+
+
+def run(stream: bytes, cuts: list[int], size_limit: int) -> tuple[str, bytes, bytes]:
+    reader = DataStream(size_limit)
+    start, unread = 0, b""
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        if reader.feed(stream[start:cut]):
+            unread = stream[cut:]  # still in the socket's buffer, as in the server
+            break
+        start = cut
+    state = "too_big" if reader.too_big else "too_long" if reader.too_long else "ok"
+    return state, reader.content, reader.leftover + unread
+
+
+pieces = st.sampled_from(
+    [b"a", b"hello", b"\r\n", b"\n", b"\r", b".", b"..", b"\r\n.", b"\n.\r\n", b"x" * 600]
+)
+
+
+@settings(max_examples=300)
+@given(
+    body=st.lists(pieces, max_size=30).map(b"".join),
+    after=st.sampled_from([b"", b"QUIT\r\n", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+    size_limit=st.sampled_from([0, 50, 5000]),
+)
+def test_same_outcome_as_line_by_line(
+    body: bytes, after: bytes, cuts: list[int], size_limit: int
+) -> None:
+    stream = body + (b"" if body.endswith(b"\r\n") or not body else b"\r\n") + b".\r\n" + after
+    expected = reference(stream, size_limit)
+    got = run(stream, [c for c in cuts if c < len(stream)], size_limit)
+    if expected[0] == "ok":
+        assert got == expected
+    else:  # past a limit: the same verdict and the same leftover, nothing kept
+        assert (got[0] in ("too_big", "too_long"), got[1], got[2]) == (True, b"", expected[2])
+
+
+@pytest.mark.parametrize(
+    ("stream", "content", "leftover"),
+    [
+        (b".\r\n", b"", b""),
+        (b"..\r\n.\r\n", b".\r\n", b""),
+        (b"a\n.\nb\r\n.\r\nQUIT\r\n", b"a\n.\nb\r\n", b"QUIT\r\n"),  # bare LF ends nothing
+        (b"a\r\n.\nMAIL\r\n.\r\n", b"a\r\n\nMAIL\r\n", b""),
+    ],
+)
+def test_examples(stream: bytes, content: bytes, leftover: bytes) -> None:
+    reader = DataStream(0)
+    assert reader.feed(stream)
+    assert (reader.content, reader.leftover) == (content, leftover)
