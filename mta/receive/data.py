@@ -12,12 +12,18 @@ big. Past a limit the data is still read to its end, but no longer kept.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Final
 
 END: Final = b"\r\n.\r\n"
 _CRLF: Final = b"\r\n"
+
+
+def longest_line(data: bytes) -> int:
+    """The length of the longest CRLF-terminated line, its CRLF included, as aiosmtpd
+    counts it (bytes methods in C; a regex such as ``[^\n]{1001,}`` would backtrack
+    through every line of a large message)."""
+    return max(map(len, data.split(_CRLF))) + len(_CRLF)
 
 
 @dataclass
@@ -39,9 +45,6 @@ class DataStream:
     _dropped: int = 0  # octets seen but no longer kept (past a limit)
     _body: bytes = b""
 
-    def __post_init__(self) -> None:
-        self._long_line = re.compile(rb"[^\n]{%d,}" % self.line_limit)
-
     def feed(self, chunk: bytes) -> bool:
         """Take the next bytes of the stream; True once the end of the data is in."""
         self._buffer += chunk
@@ -56,13 +59,14 @@ class DataStream:
         return True
 
     def _bound(self) -> None:
-        """Past a limit, keep only the tail that may still hold the end."""
+        """Past the size limit, keep only the tail that may still hold the end.
+
+        (Line lengths are judged at the end: what is kept until then is bounded by the
+        size limit anyway.)"""
         size = self._dropped + len(self._buffer) - len(_CRLF)
         if self.size_limit and size > self.size_limit:
             self.too_big = True
-        elif self._long_line.search(self._buffer, max(0, self._scanned - self.line_limit * 2)):
-            self.too_long = True
-        if self.too_big or self.too_long:
+        if self.too_big:
             keep = len(END) - 1
             self._dropped += max(0, len(self._buffer) - keep)
             del self._buffer[:-keep]
@@ -75,7 +79,7 @@ class DataStream:
         if self.size_limit and len(stuffed) - len(_CRLF) > self.size_limit:
             self.too_big = True
             return
-        if self._long_line.search(stuffed):
+        if longest_line(stuffed) > self.line_limit:
             self.too_long = True
             return
         self._body = stuffed.replace(b"\r\n.", _CRLF)[len(_CRLF) :]

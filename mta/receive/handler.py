@@ -66,14 +66,18 @@ Accept = Callable[[Envelope, bytes], Awaitable[QueueId]]
 
 S501_BAD_SENDER: Final = SmtpReply(501, "5.1.7", "Bad sender address syntax")
 
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _EXTRA_EHLO: Final = ("PIPELINING", "ENHANCEDSTATUSCODES")
 
 
 def has_bare_line_ending(data: bytes) -> bool:
-    """Whether ``data`` holds a CR not followed by LF, or an LF not preceded by CR."""
-    return _BARE_CR_OR_LF.search(data) is not None
+    """Whether ``data`` holds a CR not followed by LF, or an LF not preceded by CR.
+
+    Every CR and every LF belongs to a CRLF exactly when the three counts agree (bytes
+    methods: linear and in C, where a regex search costs far more on a large message).
+    """
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
 def client_ip(session: Session) -> str:
