@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -48,7 +47,7 @@ import trustme
 from mta import control
 from tests.integration.dnsserver import DROP, SERVFAIL, TinyDns
 from tests.integration.receivers import Receiver
-from tests.integration.relayproc import RelayProcess, wait_until
+from tests.integration.relayproc import RelayProcess, common_port, wait_until
 from tests.integration.stsserver import POLICY_PATH, Route, StsServer
 
 SENDER = "alice@sender.test"
@@ -101,25 +100,6 @@ EXPECTED = {
 }
 DELIVERING = [domain for domain, e in EXPECTED.items() if e.outcome == DELIVER]
 STS_CACHED = ("sts-slow.test", "sts-badtls.test")
-
-
-def common_port(hosts: list[str]) -> int:
-    """A TCP port free on every one of ``hosts`` (the MX hosts share it, like port 25)."""
-    for _ in range(200):
-        port = 20000 + secrets.randbelow(40000)
-        socks = []
-        try:
-            for host in hosts:
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return port
-    raise AssertionError("no common free port")
 
 
 def zone() -> dict[str, dict[str, list[str]] | str]:

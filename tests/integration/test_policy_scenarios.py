@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.integration.dnslab import DnsLab
 from tests.integration.receivers import ReceivedMessage, Receiver, TlsMode
-from tests.integration.relayproc import RelayProcess, wait_until
+from tests.integration.relayproc import RelayProcess, common_port, wait_until
 from tests.integration.stsserver import StsServer
 
 SENDER = "alice@sender.test"
@@ -40,25 +38,6 @@ def spki_sha256(leaf: trustme.LeafCert) -> str:
 def cert_sha256(ca: trustme.CA) -> str:
     cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-def common_port(hosts: list[str]) -> int:
-    """A TCP port free on every one of ``hosts`` (receivers share it, like port 25)."""
-    for _ in range(200):
-        port = 20000 + secrets.randbelow(40000)
-        socks = []
-        try:
-            for host in hosts:
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return port
-    raise AssertionError("no common free port")
 
 
 @dataclass

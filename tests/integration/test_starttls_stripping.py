@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,7 @@ from mta.model import DeliveryResult, Envelope, Outcome, QueueId
 from tests.integration.dnslab import DnsLab
 from tests.integration.hostile import ProxyMode, StrippingProxy
 from tests.integration.receivers import Receiver
+from tests.integration.relayproc import common_port
 from tests.integration.stsserver import StsServer
 
 RECEIVER_IP = "127.0.0.164"
@@ -52,25 +51,6 @@ def spki_sha256(leaf: trustme.LeafCert) -> str:
     cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
-
-
-def common_port(hosts: list[str]) -> int:
-    """A TCP port free on every one of ``hosts`` (the MX hosts share it, like port 25)."""
-    for _ in range(200):
-        port = 20000 + secrets.randbelow(40000)
-        socks = []
-        try:
-            for host in hosts:
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return port
-    raise AssertionError("no common free port")
 
 
 @dataclass
