@@ -233,8 +233,8 @@ def parse_nexthop(text: str) -> Nexthop:
         host, sep, port_text = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
         if sep:
             port = _port(port_text)
-        mx_lookup = not _is_ip(host)
-    if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
+        mx_lookup = not is_ip(host)
+    if not host or not (is_ip(host) or _HOSTNAME.match(host)):
         raise ValueError(f"expected a host name or IP address, got {text!r}")
     return Nexthop(host=host.lower().rstrip("."), port=port, mx_lookup=mx_lookup)
 
@@ -245,7 +245,8 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address literal."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -255,8 +256,8 @@ def _is_ip(text: str) -> bool:
 
 def parse_resolver(text: str) -> Resolver:
     """``"127.0.0.1"``, ``"127.0.0.1:5353"``, ``"::1"`` or ``"[::1]:5353"``."""
-    hop = parse_nexthop(text) if not _is_ip(text) else Nexthop(text, None, False)
-    if not _is_ip(hop.host):
+    hop = parse_nexthop(text) if not is_ip(text) else Nexthop(text, None, False)
+    if not is_ip(hop.host):
         raise ValueError(f"expected an IP address, optionally with :port, got {text!r}")
     return Resolver(host=hop.host, port=hop.port or 53)
 
@@ -375,7 +376,7 @@ def _duration(table: _Table, name: str, default: float) -> float:
 
 def _listener(table: _Table, home: Path) -> ListenerConfig:
     address = table.get("address", str, "127.0.0.1")
-    if not _is_ip(address):
+    if not is_ip(address):
         raise table.error("address", f"expected an IP address, got {address!r}")
     port = table.convert("port", int, 2525, lambda p: _port(str(p)))
     mode = table.get("mode", str, "relay")

@@ -178,16 +178,25 @@ async def deliver_session(
             await session.close()
             continue
         return await _done(session, outcome, cache, key)
+    session, failure = await _open(target, settings, context)
+    if failure is not None:
+        await session.close()
+        return failure
+    return await _done(session, await session.send(txn), cache, key)
+
+
+async def _open(
+    target: Target, settings: SessionSettings, context: ssl.SSLContext
+) -> tuple[_Session, HostFailed | None]:
+    """A new connection, up to the point where mail may be sent (or why it may not);
+    at ``may``, a TLS failure is retried once in plaintext."""
     session = _Session(target, settings, context, use_tls=True)
     failure = await session.open()
     if failure is not None and _fall_back_to_plaintext(target, failure):
         await session.close()
         session = _Session(target, settings, context, use_tls=False)
         failure = await session.open()
-    if failure is not None:
-        await session.close()
-        return failure
-    return await _done(session, await session.send(txn), cache, key)
+    return session, failure
 
 
 async def _done(
@@ -204,12 +213,7 @@ async def probe_session(
     target: Target, settings: SessionSettings, context: ssl.SSLContext
 ) -> Probed | HostFailed:
     """Connect, STARTTLS and check the peer exactly as delivery would, then QUIT."""
-    session = _Session(target, settings, context, use_tls=True)
-    failure = await session.open()
-    if failure is not None and _fall_back_to_plaintext(target, failure):
-        await session.close()
-        session = _Session(target, settings, context, use_tls=False)
-        failure = await session.open()
+    session, failure = await _open(target, settings, context)
     await session.close()
     return failure or Probed(session.tls, session.chain, session.verified)
 

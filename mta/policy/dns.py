@@ -41,7 +41,7 @@ from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TLSA import TLSA
 from dns.rdtypes.ANY.TXT import TXT
 
-from mta.config import Resolver
+from mta.config import Resolver, is_ip
 from mta.errors import ConfigError
 from mta.policy.dane import TlsaRecord, is_usable
 from mta.policy.decide import TlsaFacts, TlsaStatus
@@ -198,7 +198,7 @@ class DnsClient:
         for server in self._resolver.nameservers:
             if isinstance(server, dns.nameserver.AddressAndPortNameserver):
                 found.append(Resolver(server.address, server.port))
-            elif isinstance(server, str) and _is_ip(server):
+            elif isinstance(server, str) and is_ip(server):
                 port = self._resolver.nameserver_ports.get(server, self._resolver.port)
                 found.append(Resolver(server, port))
             else:  # DoH URL or unknown: never loopback, so never trusted implicitly
@@ -223,7 +223,7 @@ class DnsClient:
 
     async def addresses(self, host: str) -> AddressLookup:
         """The A then AAAA addresses of ``host``; an IP literal is returned as is."""
-        if _is_ip(host):
+        if is_ip(host):
             return AddressesFound((host,))
         results = await asyncio.gather(
             self._query(host, dns.rdatatype.A), self._query(host, dns.rdatatype.AAAA)
@@ -275,7 +275,7 @@ class DnsClient:
         ``FAILED``: an attacker must not turn a bogus answer into "no DANE".
         """
         host = normalise_host(host)
-        if _is_ip(host):
+        if is_ip(host):
             return TlsaFacts(TlsaStatus.INSECURE, detail=f"{host} is an address, not a name")
         found = await self.addresses(host)
         if isinstance(found, DnsTempFail):
@@ -406,11 +406,3 @@ def _is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

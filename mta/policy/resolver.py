@@ -16,13 +16,12 @@ MTA-STS policy) carries its ``refusal`` instead of a requirement.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
-from mta.config import Config, Nexthop
+from mta.config import Config, Nexthop, is_ip
 from mta.deliver.verify import TrustStore
 from mta.errors import TlsPolicyFailure
 from mta.model import Outcome
@@ -103,14 +102,6 @@ class HostPlan:
     requirement: HostRequirement | None = None
     refusal: TlsPolicyFailure | None = None
     dns_failure: NoDomain | DnsTempFail | None = None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class DestinationResolver:
@@ -198,7 +189,7 @@ class DestinationResolver:
 
     async def host(self, plan: DomainPlan, host: str) -> HostPlan:
         """Addresses, TLSA facts and the requirement for one candidate host."""
-        if _is_ip(host):
+        if is_ip(host):
             addresses: AddressLookup = AddressesFound((host,))
         else:
             addresses = await self._dns.addresses(host)
@@ -216,7 +207,7 @@ class DestinationResolver:
 
     async def _tlsa(self, plan: DomainPlan, host: str, addresses: AddressesFound) -> TlsaFacts:
         """RFC 7672 §2.2: DANE only over a DNSSEC-secure chain from the domain to the host."""
-        if not self._dane or _is_ip(host):
+        if not self._dane or is_ip(host):
             return TlsaFacts(TlsaStatus.NOT_LOOKED_UP, detail="DANE disabled or not trusted")
         if plan.mx_lookup and not plan.mx_secure:
             return TlsaFacts(TlsaStatus.INSECURE, detail=f"MX RRset of {plan.nexthop} is insecure")
