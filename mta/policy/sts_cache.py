@@ -22,7 +22,6 @@ Concurrent ``facts()`` calls for one domain share a single fetch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from mta import durable
 from mta.clock import Clock
 from mta.policy.decide import StsFacts
 from mta.policy.dns import DnsTempFail, NoDomain, TxtAnswer
@@ -239,30 +239,10 @@ def _decode_entry(raw: Any) -> CachedPolicy:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace the cache file durably (the spool's primitive: 0600, no links, fsyncs)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable.unlink_quietly(tmp)  # left by a crash of an earlier process with our pid
+    durable.replace_durably(tmp, path, data)
 
 
 class TxtLookup(Protocol):

@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final
 
+from mta import durable as _files
 from mta.errors import KeyFileError
-from mta.spool import _files
 from mta.spool.record import KEY_SIZE, NAME
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+from mta import durable as _files
 from mta.errors import SpoolError
 from mta.model import Envelope, QueueId
-from mta.spool import _files
 from mta.spool.envelope import decode_message, encode_message
 from mta.spool.keys import KeyRing
 from mta.spool.record import (

@@ -8,7 +8,7 @@ Two ways in:
   filled up to the last page or to a few pages short of the message, so the write
   fails before or part way through the record;
 - an in-process relay (``app.start``) whose spool meets a write error at the OS boundary
-  (``os`` as ``mta.spool._files`` sees it): ENOSPC after a partial write, EIO from
+  (``os`` as ``mta.durable`` sees it): ENOSPC after a partial write, EIO from
   fsync of the record, EIO from fsync of ``msg/`` after the rename. These are the
   failures a full disk does not produce but a failing one does.
 """
@@ -33,7 +33,7 @@ import pytest
 import trustme
 
 from mta import app, config
-from mta.spool import _files
+from mta import durable as _files
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import RelayProcess, client_tls, free_port
 
@@ -180,7 +180,7 @@ def test_full_disk_during_data_is_452_and_leaves_nothing(
 
 
 class FaultyOs:
-    """``os`` as ``mta.spool._files`` sees it, with at most one armed fault.
+    """``os`` as ``mta.durable`` sees it, with at most one armed fault.
 
     ``arm("write")``: the next record write stores half its bytes, then ENOSPC.
     ``arm("fsync")``: the next fsync of a file fails with EIO.

@@ -381,7 +381,7 @@ def test_concurrent_puts_share_directory_fsyncs_and_wait_for_them(
 ) -> None:
     """Group commit: fewer directory fsyncs than messages, and no put returns before the
     fsync that covers its name."""
-    from mta.spool import _files
+    from mta import durable as _files
 
     synced: set[str] = set()
     calls: list[int] = []
@@ -412,7 +412,7 @@ def test_concurrent_puts_share_directory_fsyncs_and_wait_for_them(
 def test_a_failed_directory_fsync_fails_the_whole_batch(
     store: SpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mta.spool import _files
+    from mta import durable as _files
 
     def broken(path: Path) -> None:
         raise OSError(errno.EIO, "I/O error")

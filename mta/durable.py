@@ -1,4 +1,4 @@
-"""Durable file primitives shared by the key ring and the spool store.
+"""Durable file primitives shared by the key ring, the spool store and the MTA-STS cache.
 
 A file counts as written only once its data is fsynced, it has been renamed into
 place and the directory holding the new name is fsynced (RFC 5321 §6.1: accept a
