@@ -31,20 +31,19 @@ import threading
 import time
 from asyncio import sslproto
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, Literal
 
 import trustme
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from mta.tlsbase import harden
+from tests.integration.threaded import ThreadedServer
 
 TlsMode = Literal["fs", "none", "non-fs", "implicit"]
 TLS_MODES: Final = ("fs", "none", "non-fs", "implicit")
 CERT_NAMES: Final = ("localhost", "mx.test")
 NON_FS_CIPHERS: Final = "AES128-GCM-SHA256:AES256-GCM-SHA384"
 SERVER_NAME: Final = "mx.test"
-START_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ class _Handler:
         return "250 2.0.0 OK: queued"
 
 
-class Receiver:
+class Receiver(ThreadedServer):
     """A receiving SMTP server on ``host:port`` (``port=0``: any free port; see ``.port``).
 
     Parameters:
@@ -191,6 +190,8 @@ class Receiver:
         data_delay: seconds to wait before answering the end of DATA.
         drop_in_data: drop the connection after the first line of each message.
     """
+
+    kind = "receiver"
 
     def __init__(
         self,
@@ -223,47 +224,6 @@ class Receiver:
         self._context = (
             None if tls == "none" else _server_context(tls, self.ca, host, cert, client_ca)
         )
-
-    # --- lifecycle ---
-
-    def start(self) -> Receiver:
-        """Listen; returns once the socket is bound (raises if it cannot be)."""
-        if self._thread is not None:
-            raise RuntimeError("receiver already started")
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name=f"receiver-{self.host}", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(START_TIMEOUT):
-            raise RuntimeError(f"receiver on {self.host} did not start in {START_TIMEOUT}s")
-        if self._error is not None:
-            self._thread.join(START_TIMEOUT)
-            self._thread = None
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        """Stop listening, drop open connections and join the thread."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(START_TIMEOUT)
-        if thread.is_alive():
-            raise RuntimeError(f"receiver on {self.host} did not stop")
-        self._thread = None
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- what arrived ---
 

@@ -20,14 +20,14 @@ import ssl
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Final, NamedTuple
 
 import trustme
 from aiohttp import web
 
+from tests.integration.threaded import ThreadedServer
+
 POLICY_PATH: Final = "/.well-known/mta-sts.txt"
-START_TIMEOUT: Final = 10.0
 
 
 class Route(NamedTuple):
@@ -59,7 +59,7 @@ def _server_context(cert: trustme.LeafCert | tuple[Path, Path]) -> ssl.SSLContex
     return context
 
 
-class StsServer:
+class StsServer(ThreadedServer):
     """An HTTPS server on ``host:port`` (``port=0``: any free port; see ``.port``).
 
     Parameters:
@@ -68,6 +68,8 @@ class StsServer:
         cert: the server certificate: a trustme leaf, or (cert PEM, key PEM) paths.
         routes: path -> ``Route`` (or a 4-tuple ``(status, content_type, body, headers)``).
     """
+
+    kind = "sts-server"
 
     def __init__(
         self,
@@ -111,47 +113,6 @@ class StsServer:
         """The paths asked for, in order."""
         with self._lock:
             return list(self._requests)
-
-    # --- lifecycle ---
-
-    def start(self) -> StsServer:
-        """Listen; returns once the socket is bound (raises if it cannot be)."""
-        if self._thread is not None:
-            raise RuntimeError("server already started")
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name=f"sts-server-{self.host}", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(START_TIMEOUT):
-            raise RuntimeError(f"sts server on {self.host} did not start in {START_TIMEOUT}s")
-        if self._error is not None:
-            self._thread.join(START_TIMEOUT)
-            self._thread = None
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        """Stop listening, drop open connections and join the thread (idempotent)."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(START_TIMEOUT)
-        if thread.is_alive():
-            raise RuntimeError(f"sts server on {self.host} did not stop")
-        self._thread = None
-
-    def __enter__(self) -> StsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- the server thread ---
 
