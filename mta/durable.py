@@ -19,14 +19,29 @@ _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLO
 _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+def create_written(path: Path, data: bytes) -> int:
+    """Create ``path`` (it must not exist) and write ``data``; return the open descriptor.
+
+    Nothing waits for the disk here (the data is in the page cache): ``settle`` does
+    that. On failure the descriptor is closed and ``path`` removed.
+    """
     fd = os.open(path, _CREATE, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # whatever the umask
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    return fd
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+    fd = create_written(path, data)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -61,6 +76,23 @@ def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
     """
     place(tmp, final, data)
     fsync_dir(final.parent)
+
+
+def settle(fd: int, tmp: Path, final: Path) -> None:
+    """The waits for the disk after ``create_written(tmp)``: fsync the data, rename
+    ``tmp`` to ``final``, fsync the directory. ``final`` then survives a crash; on
+    failure neither name is left (the caller still closes ``fd``)."""
+    try:
+        os.fsync(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    try:
+        fsync_dir(final.parent)
+    except BaseException:
+        unlink_quietly(final)
+        raise
 
 
 def read_file(path: Path, limit: int = -1) -> bytes:
