@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,14 @@ _ENHANCED: Final = {
 }
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _SINGLE_LINE = re.compile(r"(\d{3}) (.*)", re.DOTALL)
+# ``<dot-atom@domain>`` then nothing, or spaces and parameters: what nearly every client
+# sends. aiosmtpd parses each address with the email package's header parser (and
+# defines a class per call); for this form that parser returns exactly the text
+# between the brackets, so it is taken as it is (``test_fast_getaddr``).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR = re.compile(
+    rf" *<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| +(?=[^ (]|$))"
+)
 
 
 def enhance(reply: str, *, hostname: str) -> str:
@@ -459,6 +468,18 @@ class RelaySMTP(SMTP):
         self._tls_handshake_okay = True
         self._reset_timeout()
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = _PLAIN_ANGLE_ADDR.match(arg)
+        if plain is None:
+            try:
+                return super()._getaddr(arg)
+            except IndexError:  # the email parser on a lone "<": a syntax error, not ours
+                return None, None
+        address = plain.group(1)
+        if self.local_part_limit and address.rfind("@") > self.local_part_limit:
+            return None, None
+        return address, arg[plain.end() :]
+
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.rcpt_argument = arg
         try:
@@ -553,10 +574,11 @@ async def start_listeners(
                 )
             except OSError as err:
                 where = f"{listener.address}:{listener.port}"
+                # uvloop words it "error while attempting to bind on address ...": the
+                # errno's own text is the one line an operator needs.
+                reason = os.strerror(err.errno) if err.errno else str(err)
                 raise ConfigError(
-                    config.source,
-                    f"listener[{index}]",
-                    f"cannot listen on {where}: {err.strerror or err}",
+                    config.source, f"listener[{index}]", f"cannot listen on {where}: {reason}"
                 ) from None
             servers.append(server)
             port = server.sockets[0].getsockname()[1] if server.sockets else listener.port

@@ -1,0 +1,73 @@
+"""``RelaySMTP._getaddr`` takes plain ``<local@domain>`` as it is and leaves everything
+else to aiosmtpd's parser: for every argument both must agree."""
+
+from __future__ import annotations
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mta.receive.server import RelaySMTP
+
+
+def outcome(parser: SMTP, arg: str) -> object:
+    """The parse; where aiosmtpd's parser crashes (a lone ``<``), ours says "bad syntax"."""
+    try:
+        return parser._getaddr(arg)
+    except IndexError:
+        return None, None
+
+
+def parsers(limit: int = 0) -> tuple[RelaySMTP, SMTP]:
+    ours, theirs = RelaySMTP.__new__(RelaySMTP), SMTP.__new__(SMTP)
+    ours.local_part_limit = theirs.local_part_limit = limit
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.c>",
+        "<a.b+c@d-e.f>  BODY=8BITMIME",
+        "<a@b> SIZE=10",
+        "<a@b> ",
+        " <a@b>",
+        "<>",
+        '<"x y"@b>',
+        "a@b",
+        "<@x,@y:a@b>",
+        "<a@b",
+        "<a(c)@b>",
+        "<a@b> (comment) SIZE=1",
+        "<a@[1.2.3.4]>",
+        "<a@b>x",
+        "<a..b@c>",
+        "<.a@b>",
+        "<a@b.>",
+        "<a@b>\tSIZE=1",
+        "",
+    ],
+)
+def test_agrees_with_aiosmtpd(arg: str) -> None:
+    ours, theirs = parsers()
+    assert outcome(ours, arg) == outcome(theirs, arg)
+
+
+@pytest.mark.parametrize("arg", ["<", " <", "< "])
+def test_a_lone_bracket_is_bad_syntax_not_a_crash(arg: str) -> None:
+    """aiosmtpd raises IndexError here: the client would get 451 and the log a traceback."""
+    ours, _ = parsers()
+    assert ours._getaddr(arg) == (None, None)
+
+
+def test_the_local_part_limit_still_applies() -> None:
+    ours, theirs = parsers(limit=3)
+    assert ours._getaddr("<abcd@b.c>") == theirs._getaddr("<abcd@b.c>") == (None, None)
+    assert ours._getaddr("<abc@b.c>") == ("abc@b.c", "")
+
+
+@given(st.text(alphabet='<>@. ab1-+"()[]:,\\\t=', max_size=24))
+def test_agrees_with_aiosmtpd_on_any_argument(arg: str) -> None:
+    ours, theirs = parsers()
+    assert outcome(ours, arg) == outcome(theirs, arg)
