@@ -127,9 +127,11 @@ def _field_kb(text: str | None, key: str) -> int:
     return 0
 
 
-def peak_hwm_kb(root: int) -> int:
-    """The largest ``VmHWM`` in the tree: the kernel's peak RSS of its biggest process."""
-    return max((status_kb(pid, "VmHWM") for pid in tree(root)), default=0)
+def summed_hwm_kb(root: int) -> int:
+    """The sum of every process's ``VmHWM`` in the tree: each one the kernel's own peak,
+    so an upper bound of the tree's peak (peaks that did not coincide, and pages shared
+    since a fork, are counted in full in each process)."""
+    return sum(status_kb(pid, "VmHWM") for pid in tree(root))
 
 
 class Monitor:

@@ -19,7 +19,8 @@ before a single command is sent over it; then EHLO is sent again because everyth
 learned before TLS is forgotten. An MTA-STS ``testing`` requirement only logs a failed
 check (``deliver.tls.report_only``) and goes on. At ``may`` a failed handshake is retried
 once in plaintext on a new connection, as Postfix does; every other level defers
-instead (never downgrade). aiosmtplib dot-stuffs and turns bare CR/LF into CRLF.
+instead (never downgrade). The DATA payload (dot-stuffed, CRLF line endings) is made by
+``wire.data_payload``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import aiosmtplib
 from mta.deliver.tlschain import peer_chain
 from mta.deliver.tlsclient import classify_tls_error
 from mta.deliver.verify import VerifyResult, verify_peer
+from mta.deliver.wire import data_payload
 from mta.model import Outcome, RecipientResult, TlsInfo, TlsLevel
 from mta.policy.decide import HostRequirement
 from mta.reply import SmtpReply
@@ -515,7 +517,7 @@ class _Session:
         if accepted:
             self.stage = "DATA"
             try:
-                response = await smtp.data(txn.content)
+                response = await _data(smtp, txn.content)
             except aiosmtplib.SMTPDataError as err:
                 reply = reply_from(err.code, err.message)
                 outcome = Outcome.BOUNCED if err.code >= 500 else Outcome.DEFERRED
@@ -525,6 +527,31 @@ class _Session:
             for rcpt in accepted:
                 decided[rcpt] = RecipientResult(rcpt, outcome, reply)
         return Transacted(tuple(decided[rcpt] for rcpt in txn.rcpts), self.tls)
+
+
+async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
+    """``smtp.data(content)``, but with the payload made by ``wire.data_payload``.
+
+    ``DATA`` goes through aiosmtplib's own command path; the payload is written and its
+    reply read back to back (nothing runs in between: no reply can go astray), then
+    the same errors are raised, and the connection closed on the same failures, as
+    ``SMTP.data`` does.
+    """
+    start = await smtp.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(data_payload(content))
+        response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 def _oneline(value: object) -> str:

@@ -1,0 +1,35 @@
+"""``data_payload`` sends exactly what aiosmtplib's DATA would have sent."""
+
+from __future__ import annotations
+
+import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mta.deliver.wire import data_payload
+
+
+def aiosmtplib_payload(content: bytes) -> bytes:
+    """What ``SMTPProtocol.execute_data_command`` writes after ``DATA``."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(content)) + b".\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "wire"),
+    [
+        (b"", b"\r\n.\r\n"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b".\r\n", b"..\r\n.\r\n"),
+        (b"a\r\n.b\r\n..\r\n", b"a\r\n..b\r\n...\r\n.\r\n"),
+        (b"no end", b"no end\r\n.\r\n"),
+        (b"bare\nlf\r\n.x\rcr", b"bare\r\nlf\r\n..x\r\ncr\r\n.\r\n"),
+    ],
+)
+def test_examples(content: bytes, wire: bytes) -> None:
+    assert data_payload(content) == wire == aiosmtplib_payload(content)
+
+
+@given(st.binary(max_size=64) | st.lists(st.sampled_from([b"\r", b"\n", b".", b"a"])).map(b"".join))
+def test_agrees_with_aiosmtplib(content: bytes) -> None:
+    assert data_payload(content) == aiosmtplib_payload(content)
