@@ -19,11 +19,23 @@ END: Final = b"\r\n.\r\n"
 _CRLF: Final = b"\r\n"
 
 
-def longest_line(data: bytes) -> int:
-    """The length of the longest CRLF-terminated line, its CRLF included, as aiosmtpd
-    counts it (bytes methods in C; a regex such as ``[^\n]{1001,}`` would backtrack
-    through every line of a large message)."""
-    return max(map(len, data.split(_CRLF))) + len(_CRLF)
+def has_long_line(data: bytes, limit: int) -> bool:
+    """Whether a CRLF-separated line of ``data`` is longer than ``limit`` octets, its CRLF
+    included, as aiosmtpd counts it.
+
+    Jumps from line start to line start by the last CRLF within ``limit`` octets: about
+    one ``rfind`` per ``limit`` octets, not one step per line (splitting a 1 MiB message
+    into its 13,000 lines cost ten times more; a regex such as ``[^\n]{1001,}`` would
+    backtrack through every line).
+    """
+    longest = limit - len(_CRLF)  # octets before the CRLF
+    start = 0
+    while len(data) - start > longest:
+        crlf = data.rfind(_CRLF, start, start + longest + len(_CRLF))
+        if crlf < 0:  # no CRLF begins within ``longest`` octets of this line's start
+            return True
+        start = crlf + len(_CRLF)
+    return False
 
 
 @dataclass
@@ -79,7 +91,7 @@ class DataStream:
         if self.size_limit and len(stuffed) - len(_CRLF) > self.size_limit:
             self.too_big = True
             return
-        if longest_line(stuffed) > self.line_limit:
+        if has_long_line(stuffed, self.line_limit):
             self.too_long = True
             return
         self._body = stuffed.replace(b"\r\n.", _CRLF)[len(_CRLF) :]

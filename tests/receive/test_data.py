@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.receive.data import DataStream
+from mta.receive.data import DataStream, has_long_line
 
 
 def reference(stream: bytes, size_limit: int, line_limit: int = 1001) -> tuple[str, bytes, bytes]:
@@ -78,3 +78,15 @@ def test_examples(stream: bytes, content: bytes, leftover: bytes) -> None:
     reader = DataStream(0)
     assert reader.feed(stream)
     assert (reader.content, reader.leftover) == (content, leftover)
+
+
+@given(
+    data=st.lists(st.sampled_from([b"a", b"bb", b"\r\n", b"\r", b"\n", b"x" * 7]), max_size=40).map(
+        b"".join
+    ),
+    limit=st.integers(min_value=2, max_value=12),
+)
+def test_has_long_line_is_the_longest_split_line(data: bytes, limit: int) -> None:
+    """The jumping search agrees with splitting at every CRLF and measuring each line."""
+    longest = max(len(line) for line in data.split(b"\r\n")) + 2
+    assert has_long_line(data, limit) == (longest > limit)

@@ -149,6 +149,17 @@ def test_sealer_finishes_once() -> None:
         sealer.update(b"more")
 
 
+def test_whole_is_for_a_fresh_sealer_only() -> None:
+    used = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng(), chunk_size=CS)
+    used.update(b"x" * (CS + 1))
+    with pytest.raises(ValueError, match="in use"):
+        used.whole(b"payload")
+    once = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng(), chunk_size=CS)
+    once.whole(b"payload")
+    with pytest.raises(ValueError, match="finished"):
+        once.whole(b"payload")
+
+
 def test_header_fields() -> None:
     record = make(b"hello", kind=RecordKind.STATE, key_id="k2")
     header = read_header(record)
