@@ -79,15 +79,18 @@ def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
 
 
 def settle(fd: int, tmp: Path, final: Path) -> None:
-    """The waits for the disk after ``create_written(tmp)``: fsync the data, rename
-    ``tmp`` to ``final``, fsync the directory. ``final`` then survives a crash; on
-    failure neither name is left (the caller still closes ``fd``)."""
+    """The waits for the disk after ``create_written(tmp)``: fsync the data, link it as
+    ``final``, fsync the directory. ``final`` then survives a crash.
+
+    A link, not a rename: it never replaces an existing ``final`` (``FileExistsError``),
+    so a new file can never take the place of another, whatever its name. ``tmp`` is
+    removed in any case; on failure ``final`` is too (the caller still closes ``fd``).
+    """
     try:
         os.fsync(fd)
-        os.replace(tmp, final)
-    except BaseException:
+        os.link(tmp, final)
+    finally:
         unlink_quietly(tmp)
-        raise
     try:
         fsync_dir(final.parent)
     except BaseException:

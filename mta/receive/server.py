@@ -103,6 +103,7 @@ _ENHANCED: Final = {
     555: "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_SAID_AT_ONCE: Final = ("220", "221", "354", "421", "521")  # never held back (_send)
 _SINGLE_LINE = re.compile(r"(\d{3}) (.*)", re.DOTALL)
 # ``<dot-atom@domain>`` then nothing, or spaces and parameters: what nearly every client
 # sends. aiosmtpd parses each address with the email package's header parser (and
@@ -162,6 +163,10 @@ class _CommandLineReader(asyncio.StreamReader):
     def buffered(self) -> int:
         """Bytes received and not read yet."""
         return len(self._buffer)  # type: ignore[attr-defined]
+
+    def has_line(self) -> bool:
+        """Whether a whole line is already here: reading it will not wait for the client."""
+        return b"\n" in self._buffer  # type: ignore[attr-defined]
 
 
 class _CommandSizeLimits(dict[str, int]):
@@ -230,6 +235,7 @@ class RelaySMTP(SMTP):
         self.gate = gate
         self.auth_failures = auth_failures
         self.errors = ErrorBudget(self.limits.errors)
+        self._held: list[str] = []  # replies to pipelined commands, not sent yet (_send)
         self.client = ""  # the peer's address, once connected
         self._connected = False
         self._admitted = False  # counted by the gate: release once
@@ -318,11 +324,12 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # we have hung up: nothing more to say
-        if isinstance(status, bytes):
+        if isinstance(status, bytes):  # as it is (an AUTH challenge), after anything held
+            await self._send(None)
             await super().push(status)
             return
         reply = enhance(status, hostname=self.hostname)
-        await super().push(reply)
+        await self._send(reply)
         if reply.startswith(("421", "521")):
             await self._hang_up()
         elif self.errors.spend(reply):
@@ -330,8 +337,26 @@ class RelaySMTP(SMTP):
                 "receive.too_many_errors",
                 extra={"client": self.client, "errors": self.errors.errors},
             )
-            await super().push(f"421 4.7.0 {self.hostname} Error: too many errors")
+            await self._send(f"421 4.7.0 {self.hostname} Error: too many errors")
             await self._hang_up()
+
+    async def _send(self, reply: str | None) -> None:
+        """Say ``reply``, or hold it back while the client's next command is already here.
+
+        RFC 2920: a server may collect the replies to pipelined commands, as long as it
+        never waits for more input with replies unsent. A client that pipelines MAIL,
+        RCPT and DATA then gets their three replies in one TLS record and one write
+        instead of three. Replies that change the connection (220 before TLS, 221, 354,
+        421, 521) always go out at once, with whatever was held. ``None``: only flush.
+        """
+        reader = self._reader
+        pending = isinstance(reader, _CommandLineReader) and reader.has_line()
+        if reply is not None and pending and not reply.startswith(_SAID_AT_ONCE):
+            self._held.append(reply)
+            return
+        lines, self._held = [*self._held, *([] if reply is None else [reply])], []
+        if lines:
+            await super().push("\r\n".join(lines))
 
     async def _hang_up(self) -> None:
         """Close the connection and end the session task here and now, so that nothing

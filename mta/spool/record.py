@@ -240,9 +240,11 @@ class Sealer:
         _check_chunk_size(chunk_size)
         if len(kek) != KEY_SIZE:
             raise ValueError(f"key-encryption key must be {KEY_SIZE} bytes")
-        data_key = _random_bytes(random, KEY_SIZE)
-        prefix = _random_bytes(random, NONCE_PREFIX_SIZE)
-        wrap_nonce = _random_bytes(random, WRAP_NONCE_SIZE)
+        # One draw for all three (each call to the system's generator is a system call).
+        fresh = _random_bytes(random, KEY_SIZE + NONCE_PREFIX_SIZE + WRAP_NONCE_SIZE)
+        data_key = fresh[:KEY_SIZE]
+        prefix = fresh[KEY_SIZE : KEY_SIZE + NONCE_PREFIX_SIZE]
+        wrap_nonce = fresh[KEY_SIZE + NONCE_PREFIX_SIZE :]
         wrap_aad = (
             MAGIC
             + bytes([VERSION, kind])

@@ -1,7 +1,7 @@
 """The durable, encrypted spool: one sealed file per queued message, one per its state.
 
 ``put`` returns only once the sealed message is on stable storage (temp file, fsync,
-rename into ``msg/``, fsync of ``msg/``), so ``250 OK`` is never said for mail a
+link into ``msg/``, fsync of ``msg/``), so ``250 OK`` is never said for mail a
 crash could lose. Nothing in clear reaches the disk: file contents are records
 (``spool.record``) and file names are random queue ids. Records that fail to parse
 or authenticate raise ``SpoolCorrupt``; the caller moves them to ``quarantine/``
@@ -13,7 +13,7 @@ Layout (directories 0700, files 0600)::
 
     root/msg/<qid>                     sealed message (kind 1)
     root/state/<qid>                   sealed delivery state (kind 2), once written
-    root/tmp/<qid>.<random>            being written; removed by ``sweep_tmp`` at start
+    root/tmp/<qid>[.<random>]          being written; removed by ``sweep_tmp`` at start
     root/quarantine/<qid>.msg|.state   records that failed to open
 """
 
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 QID: Final = re.compile(r"[A-Za-z0-9]{1,64}")
 QID_LENGTH: Final = 20
-_PUT_ATTEMPTS: Final = 5
 # Threads that wait for fsyncs of new messages: enough for every session of a busy
 # listener to have its fsync in flight at once.
 SPOOL_WRITERS: Final = 16
@@ -193,9 +192,10 @@ class SpoolStore(SpoolDirectory):
         commit). A put that fails leaves nothing behind, and a record is in ``msg/``
         durably before ``put`` returns.
         """
-        qid = self._fresh_qid()
+        qid = self._new_qid()  # 100 random bits, and settle() never links over a name
+        _check_qid(qid)
         record = self._seal(RecordKind.MESSAGE, qid, encode_message(envelope, content))
-        tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
+        tmp = self.tmp_dir / qid
         with _storage_errors("store", qid):
             fd = _files.create_written(tmp, record)
         try:
@@ -209,15 +209,7 @@ class SpoolStore(SpoolDirectory):
 
     def _settle(self, fd: int, tmp: Path, qid: QueueId) -> None:
         with _storage_errors("store", qid):
-            _files.settle(fd, tmp, self.msg_dir / qid)
-
-    def _fresh_qid(self) -> QueueId:
-        for _ in range(_PUT_ATTEMPTS):
-            qid = self._new_qid()
-            _check_qid(qid)
-            if not os.path.lexists(self.msg_dir / qid):
-                return qid
-        raise SpoolError("cannot find an unused queue id")
+            _files.settle(fd, tmp, self.msg_dir / qid)  # FileExistsError: an id collision
 
     async def read(self, qid: QueueId) -> tuple[Envelope, bytes]:
         """The envelope and content of a stored message (``SpoolCorrupt`` if bad)."""

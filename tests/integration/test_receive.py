@@ -29,6 +29,7 @@ from tests.integration.inbound import (
     TIMEOUT,
     TRUSTED,
     USER,
+    RawSmtp,
     Recorder,
     Relay,
     listener_context,
@@ -602,3 +603,25 @@ def test_listener_config_port_in_use_names_listener(
             Relay(config, recorder, server_tls, None),
         ):
             pass
+
+
+def test_replies_to_pipelined_commands_come_in_one_tls_record(
+    relay: Relay, client_tls: ssl.SSLContext
+) -> None:
+    """RFC 2920: the replies to MAIL, RCPT and DATA sent together are collected and
+    written once; over TLS one read returns at most one record, so one read holds all
+    three. (The reply to a command sent alone is never held back: see every other test.)"""
+    with RawSmtp(relay.port, source=TRUSTED) as client:
+        assert client.reply().startswith("220")
+        assert client.command("EHLO client.test").endswith("250 HELP")
+        assert client.command("STARTTLS").startswith("220")
+        client.starttls(client_tls)
+        assert client.command("EHLO client.test").endswith("250 HELP")
+        assert client.command("NOOP").startswith("250")  # whatever TLS sent first is read
+        client.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n")
+        client.pending_into_buffer(0.5)
+        replies = client.pending(0).decode("ascii").splitlines()
+        assert [line[:3] for line in replies] == ["250", "250", "354"]
+        client.send(b"Subject: one\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert client.reply().startswith("250")
+        assert client.reply().startswith("221")

@@ -123,12 +123,17 @@ def test_default_queue_ids_are_random_and_name_safe(store: SpoolStore) -> None:
 
 
 def test_an_existing_queue_id_is_never_overwritten(tmp_path: Path, keyring: KeyRing) -> None:
+    """With 100 random bits a collision does not happen; if it did, that put fails
+    (the client retries) rather than replace an acknowledged message."""
     names = iter(["first", "first", "second"])
     store = SpoolStore(tmp_path / "spool", keyring, new_qid=lambda: QueueId(next(names)))
     store.ensure_dirs()
     assert put(store) == "first"
-    assert put(store, content=b"other") == "second"
+    with pytest.raises(SpoolError, match="cannot store first"):
+        put(store, content=b"other")
+    assert names_in(store.tmp_dir) == []
     assert asyncio.run(store.read(QueueId("first")))[1] == CONTENT
+    assert put(store, content=b"other") == "second"
 
 
 def test_state(store: SpoolStore) -> None:
@@ -298,7 +303,7 @@ def test_put_is_durable_before_it_returns_and_runs_off_the_loop(
 ) -> None:
     events: list[tuple[str, str]] = []
     threads: set[int] = set()
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_link = os.fsync, os.link
 
     def fsync(fd: int) -> None:
         threads.add(threading.get_ident())
@@ -306,14 +311,14 @@ def test_put_is_durable_before_it_returns_and_runs_off_the_loop(
         events.append(("fsync", kind))
         real_fsync(fd)
 
-    def replace(src: str | Path, dst: str | Path) -> None:
-        events.append(("replace", Path(dst).parent.name))
-        real_replace(src, dst)
+    def link(src: str | Path, dst: str | Path) -> None:
+        events.append(("link", Path(dst).parent.name))
+        real_link(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     put(store)
-    assert events == [("fsync", "file"), ("replace", "msg"), ("fsync", "dir")]
+    assert events == [("fsync", "file"), ("link", "msg"), ("fsync", "dir")]
     assert threading.get_ident() not in threads
 
 
@@ -333,8 +338,8 @@ def failing_on_call(real: Callable[..., object], nth: int) -> Callable[..., obje
 
 @pytest.mark.parametrize(
     ("name", "nth"),
-    [("write", 1), ("fsync", 1), ("replace", 1), ("fsync", 2)],
-    ids=["write", "fsync-file", "rename", "fsync-dir"],
+    [("write", 1), ("fsync", 1), ("link", 1), ("fsync", 2)],
+    ids=["write", "fsync-file", "link", "fsync-dir"],
 )
 def test_failed_put_raises_and_leaves_no_file(
     store: SpoolStore, monkeypatch: pytest.MonkeyPatch, name: str, nth: int
