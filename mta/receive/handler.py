@@ -183,6 +183,24 @@ def with_protocol(session: Session, tls: bool) -> str:
     return "ESMTP" + ("S" if tls else "") + ("A" if session.authenticated else "")
 
 
+_HOOK_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attributes of ``cls`` whose names start with one of ``prefixes``, once per class.
+
+    aiosmtpd finds its command, hook and AUTH methods with ``dir()`` and
+    ``inspect.getmembers`` (which reads every attribute, properties included) on the
+    protocol and on the handler for every new connection: with a new connection per
+    message that was a seventh of the receiving process's time. Those methods are the
+    classes'; the ``__dir__`` of ``RelayHandler`` and ``RelaySMTP`` lists only them.
+    """
+    names = _HOOK_NAMES.get((cls, prefixes))
+    if names is None:
+        names = _HOOK_NAMES[cls, prefixes] = [n for n in dir(cls) if n.startswith(prefixes)]
+    return list(names)
+
+
 class RelayHandler:
     """aiosmtpd handler for one listener.
 
@@ -208,6 +226,9 @@ class RelayHandler:
         self.accept = accept
         self.hostname = hostname
         self.clock: Clock = clock or SystemClock()
+
+    def __dir__(self) -> list[str]:
+        return hook_names(type(self), ("handle_", "auth_"))  # see hook_names
 
     # --- hooks (aiosmtpd calls these by name) ---
 

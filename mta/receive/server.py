@@ -62,7 +62,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException,
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
 from mta.receive.data import DataStream
-from mta.receive.handler import Accept, RelayHandler, peer_ip
+from mta.receive.handler import Accept, RelayHandler, hook_names, peer_ip
 from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
 from mta.reply import S501_BAD_ADDRESS, S530_STARTTLS_FIRST, S552_TOO_BIG
 
@@ -340,18 +340,23 @@ class RelaySMTP(SMTP):
             await self._send(f"421 4.7.0 {self.hostname} Error: too many errors")
             await self._hang_up()
 
+    def __dir__(self) -> list[str]:
+        return hook_names(type(self), ("smtp_", "auth_"))  # see handler.hook_names
+
     async def _send(self, reply: str | None) -> None:
         """Say ``reply``, or hold it back while the client's next command is already here.
 
         RFC 2920: a server may collect the replies to pipelined commands, as long as it
         never waits for more input with replies unsent. A client that pipelines MAIL,
         RCPT and DATA then gets their three replies in one TLS record and one write
-        instead of three. Replies that change the connection (220 before TLS, 221, 354,
+        instead of three. The lines of a multi-line reply (aiosmtpd pushes EHLO's one by
+        one) wait for its last line. Replies that change the connection (220 before TLS, 221, 354,
         421, 521) always go out at once, with whatever was held. ``None``: only flush.
         """
         reader = self._reader
         pending = isinstance(reader, _CommandLineReader) and reader.has_line()
-        if reply is not None and pending and not reply.startswith(_SAID_AT_ONCE):
+        continued = reply is not None and reply[3:4] == "-"  # its last line is still to come
+        if reply is not None and (continued or (pending and not reply.startswith(_SAID_AT_ONCE))):
             self._held.append(reply)
             return
         lines, self._held = [*self._held, *([] if reply is None else [reply])], []

@@ -7,8 +7,10 @@ import asyncio
 
 import pytest
 
+from mta.receive.handler import RelayHandler
 from mta.receive.server import (
     BareLineEnding,
+    RelaySMTP,
     _CommandLineReader,
     _CommandSizeLimits,
     enhance,
@@ -97,3 +99,16 @@ def test_command_size_limits_ignore_aiosmtpds_writes() -> None:
 )
 def test_stock_replies_get_enhanced_codes(stock: str, ours: str) -> None:
     assert enhance(stock, hostname="mx.test") == ours
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefixes"),
+    [(RelaySMTP, ("smtp_", "auth_")), (RelayHandler, ("handle_", "auth_"))],
+)
+def test_dir_lists_every_method_aiosmtpd_looks_up(cls: type, prefixes: tuple[str, ...]) -> None:
+    """aiosmtpd finds commands, hooks and AUTH mechanisms by ``dir()``: the short
+    listing must hold every one of them (and nothing else, or it would not be short)."""
+    instance = cls.__new__(cls)
+    everything = object.__dir__(instance)
+    assert sorted(dir(instance)) == sorted(n for n in everything if n.startswith(prefixes))
+    assert any(name.startswith(prefixes[0]) for name in dir(instance))
