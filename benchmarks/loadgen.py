@@ -10,6 +10,9 @@ the relay under test. So this is a raw asyncio protocol on uvloop that pipelines
 
 Modes: ``reused`` keeps each session's connection for many messages (``smtp-source -d``
 style); ``per-connection`` opens a new TCP connection and TLS handshake per message.
+By default each session sends its next message as soon as the last one is acknowledged
+(a closed loop: the faster relay gets more load); ``--rate R`` offers R messages/s in all
+instead, so that relays can be compared at the same work.
 
 Acknowledgement latency is the time from the end of DATA to the ``250``: the body is
 written and flushed to the kernel first, then the clock starts as the final ``.``
@@ -124,12 +127,27 @@ class Load:
     latencies: list[float] = field(default_factory=list)
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    rate: float = 0.0  # messages offered per second in all; 0: each as soon as a session is free
+    begun: float = field(default_factory=time.monotonic)
+    issued: int = 0
 
     def take(self) -> int | None:
         if self.remaining <= 0:
             return None
         self.remaining -= 1
         return self.remaining
+
+    async def pace(self) -> None:
+        """With a rate: wait for the next message's turn, ``1/rate`` s after the last one's.
+
+        Turns are fixed from the start, not from replies: a slow relay does not slow the
+        offered load (it makes the sessions busy, and then messages start late).
+        """
+        if self.rate > 0:
+            due = self.begun + self.issued / self.rate
+            self.issued += 1
+            if (delay := due - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
 
     def fail(self, exc: BaseException) -> None:
         self.failed += 1
@@ -214,6 +232,7 @@ async def reused_session(host: str, port: int, load: Load, context: ssl.SSLConte
     """Many messages per connection; a broken connection is replaced, its message failed."""
     proto: ClientProtocol | None = None
     while (n := load.take()) is not None:
+        await load.pace()
         try:
             if proto is None:
                 proto = await open_session(host, port, context)
@@ -229,6 +248,7 @@ async def reused_session(host: str, port: int, load: Load, context: ssl.SSLConte
 async def per_connection_session(host: str, port: int, load: Load, context: ssl.SSLContext) -> None:
     """A new connection and TLS handshake for every message."""
     while (n := load.take()) is not None:
+        await load.pace()
         proto: ClientProtocol | None = None
         try:
             proto = await open_session(host, port, context)
@@ -250,7 +270,7 @@ def percentile_ms(values: list[float], p: float) -> float | None:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     head, body = make_message(args.size)
-    load = Load(remaining=args.messages, head=head, body=body)
+    load = Load(remaining=args.messages, head=head, body=body, rate=args.rate)
     context = client_context()
     session = reused_session if args.mode == "reused" else per_connection_session
     start = time.monotonic()
@@ -282,6 +302,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--mode", choices=("reused", "per-connection"), default="reused")
     parser.add_argument("--timeout", type=float, default=300.0, help="for the whole load")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="offer this many messages/s (0: closed loop)"
+    )
     args = parser.parse_args()
     import uvloop
 
