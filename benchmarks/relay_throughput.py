@@ -431,6 +431,13 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant("per-connection-4k", args.per_connection, args.small_size, "per-connection"),
         Variant("reused-1m", args.large, args.large_size, "reused"),
         Variant("paced-4k", args.paced, args.small_size, "reused", args.paced_rate),
+        Variant(
+            "paced-per-connection-4k",
+            args.paced,
+            args.small_size,
+            "per-connection",
+            args.paced_rate,
+        ),
     ]
     return [v for v in every if v.messages > 0]
 
@@ -602,13 +609,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--large", type=int, default=100, help="1 MiB messages, reused")
     parser.add_argument(
-        "--paced", type=int, default=1000, help="4 KiB messages, reused, at --paced-rate"
+        "--paced",
+        type=int,
+        default=1000,
+        help="4 KiB messages at --paced-rate, reused and with a connection each",
     )
     parser.add_argument(
         "--paced-rate",
         type=float,
-        default=200.0,
-        help="msg/s offered in the paced variant: below both relays' capacity, so that the "
+        default=150.0,
+        help="msg/s offered in the paced variants: below both relays' capacity, so that the "
         "latencies compare the same work",
     )
     parser.add_argument("--sessions", type=int, default=20, help="parallel client sessions")
