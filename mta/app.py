@@ -23,7 +23,7 @@ from typing import Final
 
 from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
-from mta.control import process_stats, start_control
+from mta.control import Command, process_stats, start_control
 from mta.deliver.agent import DeliveryAgent
 from mta.deliver.verify import TrustStore, load_trust_store
 from mta.errors import ConfigError, KeyFileError
@@ -264,15 +264,12 @@ async def start_delivering(config: Config, prepared: Prepared) -> tuple[Deliveri
     return Delivering(store, scheduler, destinations, agent, tasks), recovered
 
 
-ControlCommands = dict[str, Callable[[], Awaitable[str] | str]]
-
-
 def control_commands(
     delivering: Delivering,
     keyring: KeyRing,
     receiver_stats: Callable[[], Awaitable[dict[str, str]]] | None = None,
     reload_receiver: Callable[[], Awaitable[str]] | None = None,
-) -> ControlCommands:
+) -> dict[str, Command]:
     """``flush``, ``reload-keys``, ``ping`` and ``stats``; the receiver's share when it is
     another process (``mta.processes``)."""
     scheduler = delivering.scheduler

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
+from mta.control import Command, run_command
 from mta.errors import ConfigError, MtaError
 from mta.model import QueueId
 
@@ -88,16 +89,11 @@ class ReceiverEnd(_End):
         """
         await self.send(b"queued " + qid.encode("ascii"))
 
-    async def serve(self, commands: Mapping[str, Callable[[], Awaitable[str] | str]]) -> None:
+    async def serve(self, commands: Mapping[str, Command]) -> None:
         """Answer the manager's commands until it goes away (then ``LinkClosed``)."""
         while True:
             name = (await self.receive()).decode("ascii", "replace")
-            command = commands.get(name)
-            if command is None:
-                answer = f"error unknown command {name!r}"
-            else:
-                result = command()
-                answer = await result if not isinstance(result, str) else result
+            answer = await run_command(commands, name)
             await self.send(b"answer " + answer.encode())
 
 
