@@ -503,7 +503,9 @@ class RelaySMTP(SMTP):
         if plain is None:
             try:
                 return super()._getaddr(arg)
-            except IndexError:  # the email parser on a lone "<": a syntax error, not ours
+            except Exception:  # the email parser crashes on some junk
+                # ("<" raises IndexError, "1@[" AttributeError): the client's syntax
+                # error, not ours, so 501 rather than 451 and a traceback in the log.
                 return None, None
         address = plain.group(1)
         if self.local_part_limit and address.rfind("@") > self.local_part_limit:
