@@ -148,6 +148,10 @@ async def _manager_main(
     try:
         await link.started()
         delivering, recovered = await app.start_delivering(config, prepared)
+    except LinkClosed:
+        _reap(receiver)
+        problem = "the receiving process exited while starting (its error is logged above)"
+        raise MtaError(problem) from None
     except BaseException:  # no queue manager: the receiver must not go on accepting
         _reap(receiver)
         raise
