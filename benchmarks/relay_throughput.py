@@ -14,8 +14,8 @@ Figures per relay and variant:
 
 - end-to-end messages/s: messages / (last arrival at the sink - first send);
 - acknowledgement latency p50/p99: end of DATA to the ``250``, at the generator;
-- peak RSS: mta = the sum of the kernel's ``VmHWM`` of its two processes (receiver and
-  queue manager); Postfix = the peak, over
+- peak RSS: mta = the kernel's ``VmHWM`` of its process (summed, were there several);
+  Postfix = the peak, over
   samples every ``--sample-interval`` s, of the summed RSS of master and all its
   children (shared libraries counted once per process); the PSS row gives both trees'
   footprint with shared pages split;
@@ -367,7 +367,8 @@ def add_relay_figures(result: Result, relay: RunningRelay, monitor: proctree.Mon
     """CPU, memory and log figures of the relay's process tree, read before it stops."""
     result.cpu_s = monitor.cpu_used()
     hwm_kb = proctree.summed_hwm_kb(relay.root_pid)
-    # Two processes: the kernel's own peaks, summed. Seventy: the peak of the sampled sum.
+    # mta: the kernel's own peak (summed over its processes). Postfix's seventy: the peak
+    # of the sampled sum.
     rss_kb = hwm_kb if relay.name == "mta" else monitor.peak.rss_kb
     result.peak_rss_mb = rss_kb / MB
     result.peak_pss_mb = monitor.peak.pss_kb / MB
@@ -496,7 +497,7 @@ def figure_rows(
         row("ack latency p50 (ms)", *both("p50_ms"), 2),
         row("ack latency p99 (ms)", *p99, 2, "<= 1.0x", _at_least(1.0, slower)),
         row(
-            "peak RSS (MB): mta sum of VmHWM, Postfix peak of summed RSS",
+            "peak RSS (MB): mta VmHWM, Postfix peak of summed RSS",
             *rss,
             1,
             f"mta < {RSS_TARGET_MB:.0f} MB" if small else "",

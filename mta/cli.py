@@ -38,9 +38,9 @@ def _load(args: argparse.Namespace) -> config.Config:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     setup_logging(cfg.log.level, cfg.log.format)
-    from mta import processes  # imported here: it pulls in the event loop and every I/O module
+    from mta import app  # imported here: it pulls in the event loop and every I/O module
 
-    processes.run(cfg)
+    app.run(cfg)
     return EXIT_OK
 
 

@@ -34,8 +34,13 @@ async def start_control(path: Path, commands: Mapping[str, Command]) -> asyncio.
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             name = line[:MAX_LINE].decode("ascii", "replace").strip()
-            answer = await run_command(commands, name)
-            log.info("control.command", extra={"command": name if name in commands else "?"})
+            command = commands.get(name)
+            if command is None:
+                answer = f"error unknown command {name!r}"
+            else:
+                result = command()
+                answer = await result if not isinstance(result, str) else result
+            log.info("control.command", extra={"command": name if command else "?"})
             writer.write(answer.encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -51,15 +56,6 @@ async def start_control(path: Path, commands: Mapping[str, Command]) -> asyncio.
     finally:
         os.umask(old_umask)
     return server
-
-
-async def run_command(commands: Mapping[str, Command], name: str) -> str:
-    """The answer of the command called ``name``, or an error line if there is none."""
-    command = commands.get(name)
-    if command is None:
-        return f"error unknown command {name!r}"
-    result = command()
-    return await result if not isinstance(result, str) else result
 
 
 def process_stats() -> dict[str, int]:

@@ -23,9 +23,9 @@ import itertools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from mta.clock import Clock
 from mta.config import OutboundConfig
@@ -143,7 +143,7 @@ class Scheduler:
         # a long queue costs O(1) per attempt, not a rescan of everything that waits.
         self._blocked: dict[str, dict[QueueId, None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # attempts in flight
-        self._chores: set[asyncio.Task[None]] = set()  # removals and adoptions beside the loop
+        self._chores: set[asyncio.Task[None]] = set()  # removals started by enqueue()
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -191,31 +191,6 @@ class Scheduler:
         if entry is not None and content is not None and fits:
             entry.content = content
             self._fresh_bytes += len(content)
-
-    def adopt(self, qid: QueueId) -> None:
-        """Schedule a message another process has just stored and named by its queue id.
-
-        The record is read back (and decrypted) off the receiving process's loop; one that
-        cannot be read is quarantined if corrupt, else left for the next recovery.
-        """
-        if qid not in self._index:
-            self._chore(self._adopt(qid))
-
-    async def _adopt(self, qid: QueueId) -> None:
-        try:
-            envelope, content = await self._store.read(qid)
-        except SpoolCorrupt as err:
-            await self._quarantine(qid, str(err))
-        except Exception:
-            log.error("schedule.adopt.error", exc_info=True, extra={"qid": qid})
-        else:
-            self.enqueue(qid, envelope, content)
-
-    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` beside the loop; ``drain`` and ``stop`` wait for it."""
-        chore = asyncio.get_running_loop().create_task(work)
-        self._chores.add(chore)
-        chore.add_done_callback(self._chores.discard)
 
     def flush(self) -> int:
         """Make every pending recipient due now; returns the number of messages affected."""
@@ -298,7 +273,9 @@ class Scheduler:
     def _admit(self, qid: QueueId, envelope: Envelope, state: MessageState) -> None:
         due = state.next_due
         if due is None:  # no recipient left to try (none were given): nothing to keep
-            self._chore(self._retire(qid, state))
+            chore = asyncio.get_running_loop().create_task(self._retire(qid, state))
+            self._chores.add(chore)
+            chore.add_done_callback(self._chores.discard)
             return
         self._index[qid] = _Queued(envelope, state)
         self._push(due, qid)

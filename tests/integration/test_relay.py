@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import stat
 import subprocess
 import uuid
@@ -307,6 +308,24 @@ def test_bad_policy_exits_2_with_one_line(
     assert key in lines[0]
     assert problem in lines[0]
     assert not (tmp_path / "var").exists()
+
+
+def test_a_listener_that_cannot_bind_fails_start_with_one_line(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    relay = RelayProcess(tmp_path, policy("[127.0.0.31]:25"), port=port)
+    try:
+        result = run_mta("run", "--config", str(relay.policy_file), home=relay.home)
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    # The log lines of start-up come first; the error is one line, the last.
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mta: {relay.policy_file}: listener[0]: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    )
 
 
 @pytest.mark.parametrize(

@@ -518,39 +518,3 @@ def _deferred(domain: str, rcpt: str) -> DeliveryResult:
 
 def _sent(domain: str, rcpt: str) -> DeliveryResult:
     return DeliveryResult(domain, (RecipientResult(rcpt, Outcome.SENT, OK),))
-
-
-def test_adopt_schedules_what_another_process_stored() -> None:
-    """The receiving process says only the queue id; the record itself is read back."""
-
-    async def main() -> None:
-        rig = Rig()
-        qid = rig.store.add(envelope("bob@b.test"), b"Subject: adopted\r\n\r\nbody\r\n")
-        rig.scheduler.adopt(qid)
-        rig.scheduler.adopt(qid)  # told twice (recovery raced the hand-over): once only
-        await until(lambda: rig.scheduler.queued == 1)
-        assert await rig.scheduler.run_once() == 1
-        [call] = rig.agent.calls
-        assert (call.qid, call.content) == (qid, b"Subject: adopted\r\n\r\nbody\r\n")
-        assert rig.store.removed == [qid]
-
-    run(main)
-
-
-def test_adopt_quarantines_a_corrupt_record_and_skips_a_missing_one(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async def main() -> None:
-        rig = Rig()
-        bad = rig.store.add(envelope("bob@b.test"))
-        rig.store.corrupt.add(bad)
-        rig.scheduler.adopt(bad)
-        rig.scheduler.adopt(QueueId("nosuchmessage"))
-        await rig.scheduler.run_once()  # waits for the adoptions (chores) too
-        assert set(rig.store.quarantined) == {bad}
-        assert rig.scheduler.queued == 0
-        assert rig.agent.calls == []
-
-    with caplog.at_level(logging.ERROR, logger="mta.schedule"):
-        run(main)
-    assert any(r.getMessage() == "schedule.adopt.error" for r in caplog.records)
