@@ -1,9 +1,10 @@
 """Durable file primitives shared by the key ring, the spool store and the MTA-STS cache.
 
-A file counts as written only once its data is fsynced, it has been renamed into
-place and the directory holding the new name is fsynced (RFC 5321 §6.1: accept a
-message only once it is on stable storage). Files are created 0600, never through a
-symbolic link. Callers translate ``OSError`` into their own errors.
+A file counts as written only once its data is fsynced, it has been renamed (or, for a
+new spool record, linked) into place and the directory holding the new name is
+fsynced (RFC 5321 §6.1: accept a message only once it is on stable storage). Files are
+created 0600, never through a symbolic link. Callers translate ``OSError`` into their
+own errors.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def fsync_dir(path: Path) -> None:
 def place(tmp: Path, final: Path, data: bytes) -> None:
     """Write ``data`` to the new file ``tmp`` (fsynced), then atomically rename it to
     ``final``. On failure ``tmp`` is removed. The new name is durable only once the
-    directory is fsynced (``fsync_dir``): ``replace_durably``, or once for a batch."""
+    directory is fsynced (``fsync_dir``), as ``replace_durably`` does."""
     try:
         write_new(tmp, data)
         os.replace(tmp, final)

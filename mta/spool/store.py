@@ -184,7 +184,7 @@ class SpoolStore(SpoolDirectory):
         """Seal and store a message durably; return its queue id. ``SpoolError`` on failure.
 
         Sealing and writing into the page cache happen here, on the loop; only the waits
-        for the disk (``durable.settle``: fsync, rename into ``msg/``, fsync of ``msg/``)
+        for the disk (``durable.settle``: fsync, link into ``msg/``, fsync of ``msg/``)
         go to one of ``SPOOL_WRITERS`` threads. Each hop to a thread and each system call
         made there waits for the interpreter lock, which a busy loop holds: under load
         every such wait cost milliseconds of acknowledgement latency. Concurrent puts
