@@ -84,9 +84,14 @@ class NoDomain:
 
 @dataclass(frozen=True, slots=True)
 class DnsTempFail:
-    """The answer is unknown for now (timeout, SERVFAIL, no nameserver answered)."""
+    """The answer is unknown for now (timeout, SERVFAIL, no nameserver answered).
+
+    ``timed_out``: no answer came at all, as opposed to a failure answer (SERVFAIL is
+    also how a validating resolver reports a bogus, possibly forged, answer).
+    """
 
     reason: str
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +361,7 @@ class DnsClient:
         except dns.resolver.NoNameservers:
             return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})"), 0
         except dns.exception.Timeout:
-            return DnsTempFail(f"{name}: DNS timeout (type={kind})"), 0
+            return DnsTempFail(f"{name}: DNS timeout (type={kind})", timed_out=True), 0
         except dns.exception.DNSException as err:
             return DnsTempFail(f"{name}: DNS error (type={kind}): {err}"), 0
         if len(answer.chaining_result.cnames) > MAX_CNAME_CHAIN:

@@ -165,7 +165,10 @@ class DestinationResolver:
             return replace(plan, terminal=Terminal(Outcome.BOUNCED, reply))
         if isinstance(found, DnsTempFail):
             reply = SmtpReply(451, "4.4.3", f"Host or domain name lookup failed: {found.reason}")
-            return replace(plan, terminal=Terminal(Outcome.DEFERRED, reply, "dnssec-invalid"))
+            # A failure answer may be DNSSEC refusing a forged one (RFC 8460's
+            # dnssec-invalid); a lookup that only timed out is no evidence of that.
+            reason = None if found.timed_out else "dnssec-invalid"
+            return replace(plan, terminal=Terminal(Outcome.DEFERRED, reply, reason))
         hosts = hosts_for(nexthop, found.records, self._rand)[:MAX_MX_HOSTS]
         allowed, refused = policy.candidates(hosts)
         plan = replace(plan, mx_secure=found.secure, hosts=tuple(allowed), refused=tuple(refused))

@@ -209,11 +209,18 @@ def test_nxdomain_bounces() -> None:
     }
 
 
-def test_dns_temporary_failure_defers() -> None:
-    dns = FakeDns(mx={"dest.test": DnsTempFail("dest.test: SERVFAIL")})
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (DnsTempFail("dest.test: SERVFAIL"), "dnssec-invalid"),  # may be a forged answer
+        (DnsTempFail("dest.test: DNS timeout (type=MX)", timed_out=True), None),
+    ],
+)
+def test_dns_temporary_failure_defers(failure: DnsTempFail, reason: str | None) -> None:
+    dns = FakeDns(mx={"dest.test": failure})
     result = deliver(config(), dns, FakeSessions())
-    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
-        (Outcome.DEFERRED, 451, "4.4.3")
+    assert {(r.outcome, r.reply.code, r.reply.enhanced, r.reason) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.4.3", reason)
     }
 
 
