@@ -350,8 +350,9 @@ class RelaySMTP(SMTP):
         never waits for more input with replies unsent. A client that pipelines MAIL,
         RCPT and DATA then gets their three replies in one TLS record and one write
         instead of three. The lines of a multi-line reply (aiosmtpd pushes EHLO's one by
-        one) wait for its last line. Replies that change the connection (220 before TLS, 221, 354,
-        421, 521) always go out at once, with whatever was held. ``None``: only flush.
+        one) wait for its last line. Replies that change the connection (220 before TLS,
+        221, 354, 421, 521) always go out at once, with whatever was held. ``None``: only
+        flush.
         """
         reader = self._reader
         pending = isinstance(reader, _CommandLineReader) and reader.has_line()
