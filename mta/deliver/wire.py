@@ -12,15 +12,16 @@ from __future__ import annotations
 import re
 from typing import Final
 
-_CRLF: Final = b"\r\n"
+from mta.crlf import CRLF as _CRLF
+from mta.crlf import has_bare_line_ending
+
 _LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 def data_payload(content: bytes) -> bytes:
     """``content`` with CRLF line endings, a leading dot doubled on every line, a final
     CRLF, and the ``.`` line that ends the data."""
-    pairs = content.count(_CRLF)
-    if content.count(b"\r") != pairs or content.count(b"\n") != pairs:  # a bare CR or LF
+    if has_bare_line_ending(content):
         content = _LINE_END.sub(_CRLF, content)
     if content.startswith(b"."):
         content = b"." + content

@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from mta.crlf import CRLF
+
 END: Final = b"\r\n.\r\n"
-_CRLF: Final = b"\r\n"
+_CRLF: Final = CRLF
 
 
 def has_long_line(data: bytes, limit: int) -> bool:

@@ -13,6 +13,7 @@ import string
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from mta.crlf import has_bare_line_ending
 from mta.receive.addresses import (
     MAX_PATH,
     AddressError,
@@ -21,7 +22,7 @@ from mta.receive.addresses import (
     path_argument,
     relay_tricks,
 )
-from mta.receive.handler import has_bare_line_ending, received_header
+from mta.receive.handler import received_header
 
 # Text shaped like a path: the characters the grammar cares about, and a few it does not.
 _PATH_CHARS = string.ascii_letters + string.digits + '<>@:,."\\[]%!-_+ \t\r\n\x00\x7f' + "é"
