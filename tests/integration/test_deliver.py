@@ -22,6 +22,7 @@ from mta.model import DeliveryResult, Envelope, Outcome, QueueId
 from mta.tlsbase import is_forward_secret
 from tests.integration.dnsserver import TinyDns, Zone
 from tests.integration.receivers import Receiver
+from tests.integration.relayproc import common_port
 
 MX_IP = "127.0.0.50"  # the receiver behind mx.test and most routes
 SPARE_IP = "127.0.0.51"
@@ -400,8 +401,7 @@ def test_a_4xx_greeting_moves_on_to_the_next_mx(dns_server: TinyDns) -> None:
 
 
 def test_a_4xx_to_mail_from_on_the_only_host_defers(dns_server: TinyDns) -> None:
-    with Receiver(SPARE_IP, tls="none") as spare:
-        port = spare.port
+    port = common_port([SPARE_IP, SCRIPTED_IP])  # nothing listens on the spare MX
     cfg = make_config(dns_server, port, level="may")
     script = {"MAIL": "451 4.7.1 Greylisted"}
     result = run_with_server(
@@ -414,8 +414,7 @@ def test_a_4xx_to_mail_from_on_the_only_host_defers(dns_server: TinyDns) -> None
 
 
 def test_a_silent_server_times_out_and_defers(dns_server: TinyDns) -> None:
-    with Receiver(SPARE_IP, tls="none") as spare:
-        port = spare.port
+    port = common_port([SPARE_IP, SCRIPTED_IP])  # nothing listens on the spare MX
     cfg = make_config(dns_server, port, level="may", timeout="0.5s")
     result = run_with_server(
         {"greeting": SILENT}, port, agent_attempt(cfg, "refusing.test", ("a@refusing.test",))
@@ -425,8 +424,7 @@ def test_a_silent_server_times_out_and_defers(dns_server: TinyDns) -> None:
 
 
 def test_smtputf8_address_bounces_when_the_server_lacks_smtputf8(dns_server: TinyDns) -> None:
-    with Receiver(SPARE_IP, tls="none") as spare:
-        port = spare.port
+    port = common_port([SPARE_IP, SCRIPTED_IP])  # nothing listens on the spare MX
     cfg = make_config(dns_server, port, level="may")
     attempt = agent_attempt(cfg, "refusing.test", ("bøb@refusing.test",), smtputf8=True)
     result = run_with_server({}, port, attempt)
@@ -451,8 +449,7 @@ def test_smtputf8_address_is_sent_when_the_server_has_smtputf8(
 def test_the_reply_to_data_decides_the_accepted_recipients(
     dns_server: TinyDns, dot_reply: str, outcome: Outcome
 ) -> None:
-    with Receiver(SPARE_IP, tls="none") as spare:
-        port = spare.port
+    port = common_port([SPARE_IP, SCRIPTED_IP])  # nothing listens on the spare MX
     cfg = make_config(dns_server, port, level="may")
     rcpts = ("a@refusing.test", "b@refusing.test")
     result = run_with_server(

@@ -560,17 +560,14 @@ def test_stock_replies_have_enhanced_codes(relay: Relay) -> None:
 
 
 def test_pipelining(relay: Relay, recorder: Recorder) -> None:
-    with socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock:
-        stream = sock.makefile("rb")
-        assert stream.readline().startswith(b"220")
-        sock.sendall(b"EHLO client.test\r\n")
-        while not stream.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
-        assert [stream.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        sock.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-        assert stream.readline().startswith(b"250 2.0.0 Ok: queued as Q0001")
-        assert stream.readline().startswith(b"221")
+    with RawSmtp(relay.port) as client:
+        assert client.reply().startswith("220")
+        assert client.command("EHLO client.test").endswith("250 HELP")
+        client.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+        assert [client.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+        client.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert client.reply().startswith("250 2.0.0 Ok: queued as Q0001")
+        assert client.reply().startswith("221")
     assert len(recorder.calls) == 1
 
 
