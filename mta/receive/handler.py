@@ -21,6 +21,7 @@ client get ``250``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import ipaddress
@@ -320,7 +321,9 @@ class RelayHandler:
             "tls": tls.version() if tls is not None else "none",
         }
         try:
-            qid = await self.accept(message, content)
+            # Shielded: once stored, a message is scheduled even if the client hangs up
+            # before our 250 (it may send it again: a duplicate, never a stranded record).
+            qid = await asyncio.shield(self.accept(message, content))
         except SpoolError as err:
             log.error("receive.spool_failed", extra={**facts, "error": type(err).__name__})
             return str(S452_SPOOL_FULL)

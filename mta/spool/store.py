@@ -198,18 +198,18 @@ class SpoolStore(SpoolDirectory):
         tmp = self.tmp_dir / qid
         with _storage_errors("store", qid):
             fd = _files.create_written(tmp, record)
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._writers, self._settle, fd, tmp, qid
-            )
-        finally:
-            os.close(fd)
+        # The thread owns ``fd`` from here: were this task cancelled (the client hung up),
+        # closing it here could hand its number to the next put while the thread fsyncs.
+        await asyncio.get_running_loop().run_in_executor(self._writers, self._settle, fd, tmp, qid)
         log.info("spool.stored", extra={"qid": qid, "key_id": self.keyring.active_id})
         return qid
 
     def _settle(self, fd: int, tmp: Path, qid: QueueId) -> None:
-        with _storage_errors("store", qid):
-            _files.settle(fd, tmp, self.msg_dir / qid)  # FileExistsError: an id collision
+        try:
+            with _storage_errors("store", qid):
+                _files.settle(fd, tmp, self.msg_dir / qid)  # FileExistsError: id collision
+        finally:
+            os.close(fd)
 
     async def read(self, qid: QueueId) -> tuple[Envelope, bytes]:
         """The envelope and content of a stored message (``SpoolCorrupt`` if bad)."""

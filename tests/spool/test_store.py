@@ -441,3 +441,36 @@ def test_a_failed_directory_fsync_fails_every_put_it_covers(
     assert all(isinstance(outcome, SpoolError) for outcome in outcomes)
     assert names_in(store.msg_dir) == []
     assert names_in(store.tmp_dir) == []
+
+
+def test_a_put_cancelled_while_its_fsync_runs_still_stores_that_record(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client hangs up while its record is being fsynced: the writer thread keeps the
+    descriptor until it is done, so the next put's new file can't take its number and
+    each fsync covers the file it was meant for. The cancelled record still lands."""
+    synced: set[int] = set()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            time.sleep(0.2)  # long enough for the cancel and the next put to happen
+            synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def scenario() -> QueueId:
+        first = asyncio.create_task(store.put(ENVELOPE, b"first"))
+        await asyncio.sleep(0.05)  # it is in the writer thread now
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await store.put(ENVELOPE, b"second")
+
+    second = asyncio.run(scenario())
+    time.sleep(0.5)  # the first record's thread finishes after the loop ended
+    stored = {p.stat().st_ino: p.name for p in store.msg_dir.iterdir()}
+    assert len(stored) == 2
+    assert second in stored.values()
+    assert synced == set(stored)  # each record's own data was fsynced
