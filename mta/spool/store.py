@@ -105,7 +105,8 @@ class SpoolDirectory:
     def key_references(self) -> dict[str, int]:
         """Key id -> how many records (queued, state or quarantined) are sealed under it.
 
-        Reads headers only. Unreadable headers are skipped: they reference nothing.
+        Reads headers only. Records that are not records reference nothing; a header
+        that cannot be read raises ``SpoolError`` rather than count as none.
         """
         counts: dict[str, int] = {}
         for directory in (self.msg_dir, self.state_dir, self.quarantine_dir):
@@ -327,10 +328,18 @@ def _records(directory: Path, *, any_name: bool = False) -> list[tuple[str, int]
 
 
 def _header_of(path: Path) -> RecordHeader | None:
+    """The record's header; ``None`` if it is gone (raced with a delivery) or not a
+    record. Any other read error is ``SpoolError``: a header we could not read may
+    name a key still needed, and ``mta keys prune`` must not take that for "none"."""
     try:
-        return read_header(_files.read_file(path, MAX_HEADER_SIZE))
-    except (OSError, RecordError):
+        with _storage_errors("read", path.name):
+            return read_header(_files.read_file(path, MAX_HEADER_SIZE))
+    except RecordError:
         return None
+    except SpoolError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 def _key_id_of(path: Path) -> str | None:

@@ -266,6 +266,31 @@ def test_key_references(store: SpoolStore, keyring: KeyRing) -> None:
     assert asyncio.run(store.read(third)) == (ENVELOPE, CONTENT)
 
 
+def test_a_header_that_cannot_be_read_stops_key_references(
+    store: SpoolStore, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO on one record must not read as "no key needed": prune would then drop the key
+    and that record could never be opened again."""
+    from mta import durable as _files
+
+    old = keyring.active_id
+    qid = put(store)
+    keyring.rotate()
+    real_read = _files.read_file
+
+    def failing_read(path: Path, limit: int = -1) -> bytes:
+        if path.name == qid:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_read(path, limit)
+
+    monkeypatch.setattr(_files, "read_file", failing_read)
+    with pytest.raises(SpoolError, match="Input/output error"):
+        store.key_references()
+    monkeypatch.undo()
+    assert store.key_references() == {old: 1}
+    assert keyring.prune(store.key_references()) == []
+
+
 def test_keys_opening_nothing(store: SpoolStore, keyring: KeyRing) -> None:
     old = keyring.active_id
     first = put(store)
