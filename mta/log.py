@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Final, TextIO
@@ -29,6 +30,14 @@ def redact(address: str) -> str:
     _local, at, domain = address.rpartition("@")
     digest = hashlib.sha256(address.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"h:{digest}@{domain}" if at else f"h:{digest}"
+
+
+_ADDRESS_IN_TEXT: Final = re.compile(r"[^\s<>()\[\]\"',;:]+@[A-Za-z0-9.-]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a remote server's reply, say) with every address in it ``redact``-ed."""
+    return _ADDRESS_IN_TEXT.sub(lambda found: redact(found.group()), text)
 
 
 def _facts(record: logging.LogRecord) -> dict[str, Any]:

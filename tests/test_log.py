@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from mta.log import redact, setup
+from mta.log import redact, redact_text, setup
 
 
 def test_redact_keeps_domain_hides_local_part() -> None:
@@ -16,6 +16,16 @@ def test_redact_keeps_domain_hides_local_part() -> None:
     assert redact("alice.secret@example.com") == redacted  # stable, so lines can be correlated
     assert redact("bob@example.com") != redacted
     assert redact("") == "<>"
+
+
+def test_redact_text_hides_every_address_a_reply_quotes() -> None:
+    reply = "550 5.1.1 <bob.secret@dest.test>: Recipient unknown (was alice@src.test)"
+    shown = redact_text(reply)
+    assert "bob.secret" not in shown
+    assert "alice" not in shown
+    assert f"<{redact('bob.secret@dest.test')}>" in shown
+    assert redact("alice@src.test") in shown
+    assert redact_text("451 4.7.5 TLS policy not satisfied") == "451 4.7.5 TLS policy not satisfied"
 
 
 def test_key_value_and_json_formats() -> None:

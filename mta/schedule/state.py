@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from mta.errors import SpoolCorrupt
+from mta.log import redact_text
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult, domain_of
 from mta.reply import SmtpReply
 from mta.schedule import backoff
@@ -297,7 +298,8 @@ class QueueEntry:
 def queue_entry(qid: QueueId, state: MessageState, now: float) -> QueueEntry:
     """The listing for one message, from its state alone (works without a scheduler).
 
-    ``last_error`` is that of the first pending recipient that has one.
+    ``last_error`` is that of the first pending recipient that has one, with any address
+    a remote server quoted in it redacted (``450 4.2.1 <bob@x.test>: mailbox busy``).
     """
     pending = state.pending
     return QueueEntry(
@@ -305,5 +307,5 @@ def queue_entry(qid: QueueId, state: MessageState, now: float) -> QueueEntry:
         age=max(0.0, now - state.received_at),
         domains=state.domains,
         next_attempt=state.next_due,
-        last_error=next((r.last_error for r in pending if r.last_error), ""),
+        last_error=redact_text(next((r.last_error for r in pending if r.last_error), "")),
     )

@@ -186,6 +186,20 @@ def test_queue_entry() -> None:
     )
 
 
+def test_queue_entry_shows_no_address_a_server_quoted() -> None:
+    """``mta queue list`` shows domains only, even when the remote reply names the
+    recipient (``state`` keeps the reply whole: it is sealed)."""
+    state = initial_state(envelope("bob@y.test"))
+    deferred = RecipientResult(
+        "bob@y.test", Outcome.DEFERRED, SmtpReply(450, "4.2.1", "<bob@y.test>: mailbox busy")
+    )
+    state, _ = state.apply(DeliveryResult("y.test", (deferred,)), T0, **RETRY)
+    entry = queue_entry(QueueId("q1"), state, T0 + 60)
+    assert "bob@" not in entry.last_error
+    assert entry.last_error.startswith("450 4.2.1 <h:")
+    assert "@y.test>: mailbox busy" in entry.last_error
+
+
 # --- encode / decode ---
 
 replies = st.builds(
