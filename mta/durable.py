@@ -10,7 +10,9 @@ own errors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Final
 
@@ -97,6 +99,48 @@ def settle(fd: int, tmp: Path, final: Path) -> None:
     except BaseException:
         unlink_quietly(final)
         raise
+
+
+_READ_PRIVATE: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class NotPrivate(Exception):
+    """A file that must be ours alone is not, or cannot be read; ``str()`` says why
+    (without the path: the caller names the file and the setting)."""
+
+
+def read_private(path: Path, limit: int, *, group_read: bool = False) -> bytes:
+    """The bytes of a secret file (spool keys, AUTH password hashes), after refusing a
+    link, a non-file (a FIFO would block: O_NONBLOCK), an owner other than us or root,
+    access by others (and by the group unless ``group_read``) and more than ``limit``."""
+    try:
+        fd = os.open(path, _READ_PRIVATE)
+    except FileNotFoundError:
+        raise NotPrivate("does not exist") from None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK):
+            raise NotPrivate("is a symbolic link; refusing to follow it") from None
+        raise NotPrivate(f"cannot open: {err.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotPrivate("is not a regular file")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise NotPrivate(f"is owned by uid {info.st_uid}, not by us or root")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & (0o037 if group_read else 0o077):
+            who = "others" if group_read else "group or others"
+            raise NotPrivate(f"mode {mode:04o} lets {who} access it; run chmod 600 {path}")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            size += len(chunk)
+            if size > limit:
+                raise NotPrivate(f"is larger than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def read_file(path: Path, limit: int = -1) -> bytes:

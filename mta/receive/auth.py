@@ -18,8 +18,6 @@ import hmac
 import logging
 import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any, Final
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mta import durable
 from mta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,7 @@ SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
 # Bounds on parameters read from the file: a hostile line must not cost the loop seconds.
 _MAX_N: Final = 1 << 20
+MAX_PASSWORD_FILE: Final = 16 << 20  # about 100,000 users
 _MAX_R: Final = 32
 _MAX_P: Final = 16
 _MAX_MEM: Final = 256 * 1024 * 1024
@@ -105,22 +105,12 @@ def parse_line(line: str) -> tuple[str, ScryptHash]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    """The file's lines, after refusing a link, a non-file or loose permissions."""
+    """The file's lines, after the checks of ``durable.read_private``. The group may read
+    it (an admin group that manages users), nobody else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as err:
-        raise ConfigError(path, "auth.password_file", f"cannot open: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(path, "auth.password_file", "not a regular file")
-        if info.st_mode & 0o026:
-            raise ConfigError(
-                path,
-                "auth.password_file",
-                f"mode {stat.S_IMODE(info.st_mode):04o} lets others read or write it (chmod 600)",
-            )
-        data = file.read()
+        data = durable.read_private(path, MAX_PASSWORD_FILE, group_read=True)
+    except durable.NotPrivate as err:
+        raise ConfigError(path, "auth.password_file", str(err)) from None
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
@@ -209,19 +199,5 @@ def add_user(
     if not replaced:
         out.append(entry)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".passwd.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write("\n".join(out) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    durable.replace_durably(tmp, path, ("\n".join(out) + "\n").encode("utf-8"))

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import NameOID
 
+from mta import durable
 from mta.errors import ConfigError
 from mta.tlsbase import harden
 
@@ -100,8 +101,8 @@ def ensure_self_signed(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, _self_signed(key, hostname, now), 0o644)
+    _replace(key_path, key_pem)
+    _replace(cert_path, _self_signed(key, hostname, now))  # 0600 too: only we read it
     return cert_path, key_path, True
 
 
@@ -131,16 +132,6 @@ def _self_signed(
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    durable.replace_durably(tmp, path, data)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import logging
 import os
-import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final
@@ -30,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_FILE_SIZE: Final = 1 << 20
 KEY_ID_BYTES: Final = 6
-_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _PREAMBLE: Final = (
     "# mta spool key-encryption keys: <key id> <base64 of 32 bytes> per line.\n"
     "# The last key is active. Keep this file private (mode 0600). Removing a key\n"
@@ -166,50 +163,14 @@ def _load(path: Path) -> dict[str, bytes]:
 
 def _read_private(path: Path) -> str:
     """The text of the key file, after checking that nobody else could read or change it."""
-    fd = _open(path)
     try:
-        _check_private(path, os.fstat(fd))
-        data = _read_all(path, fd)
-    finally:
-        os.close(fd)
+        data = _files.read_private(path, MAX_KEY_FILE_SIZE)
+    except _files.NotPrivate as err:
+        raise KeyFileError(f"{path}: {err}") from None
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
         raise KeyFileError(f"{path}: is not an ASCII text key file") from None
-
-
-def _open(path: Path) -> int:
-    try:
-        return os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: does not exist") from None
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.EMLINK):
-            raise KeyFileError(f"{path}: is a symbolic link; refusing to follow it") from None
-        raise KeyFileError(f"{path}: cannot open: {err.strerror}") from None
-
-
-def _check_private(path: Path, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"{path}: is not a regular file")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise KeyFileError(f"{path}: is owned by uid {st.st_uid}, not by us or root")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"{path}: mode {mode:04o} lets group or others access it; run chmod 600 {path}"
-        )
-
-
-def _read_all(path: Path, fd: int) -> bytes:
-    chunks = []
-    size = 0
-    while chunk := os.read(fd, 65536):
-        size += len(chunk)
-        if size > MAX_KEY_FILE_SIZE:
-            raise KeyFileError(f"{path}: is larger than {MAX_KEY_FILE_SIZE} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse(path: Path, text: str) -> dict[str, bytes]:

@@ -141,9 +141,9 @@ def test_load_refuses_symlink_and_missing(tmp_path: Path) -> None:
     add_user(path, "alice", "pw")
     link = tmp_path / "link"
     link.symlink_to(path)
-    with pytest.raises(ConfigError, match="cannot open"):
+    with pytest.raises(ConfigError, match="symbolic link"):
         PasswordFile.load(link)
-    with pytest.raises(ConfigError, match="cannot open"):
+    with pytest.raises(ConfigError, match="does not exist"):
         PasswordFile.load(tmp_path / "absent")
 
 
