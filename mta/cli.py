@@ -88,20 +88,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reload_keys(cfg: config.Config) -> bool:
+    """Tell a running relay to reload its keys; False (and says why) if it refused."""
+    answer = control.ask(cfg.control_socket, "reload-keys")
+    if answer is None:
+        print("relay not running")
+    elif answer.startswith("ok"):
+        print("running relay reloaded its keys")
+    else:
+        print(f"mta: relay answered: {answer}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keyring = KeyRing.load(cfg.spool.key_file)
     if args.action == "rotate":
         new_id = keyring.rotate()
         print(f"new active key {new_id} in {cfg.spool.key_file}")
-        answer = control.ask(cfg.control_socket, "reload-keys")
-        print("running relay reloaded its keys" if answer else "relay not running")
+        if not _reload_keys(cfg):
+            return EXIT_FAILURE
     references = key_usage(cfg)
     if args.action == "prune":
         dropped = keyring.prune(set(references))
         print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
-        if dropped:
-            control.ask(cfg.control_socket, "reload-keys")
+        if dropped and not _reload_keys(cfg):
+            return EXIT_FAILURE
     for key_id in keyring.ids():
         state = "active" if key_id == keyring.active_id else "old"
         print(f"{key_id}  {state:<6}  {references.get(key_id, 0)} spool record(s)")

@@ -38,8 +38,12 @@ async def start_control(path: Path, commands: Mapping[str, Command]) -> asyncio.
             if command is None:
                 answer = f"error unknown command {name!r}"
             else:
-                result = command()
-                answer = await result if not isinstance(result, str) else result
+                try:
+                    result = command()
+                    answer = await result if not isinstance(result, str) else result
+                except Exception as err:  # the operator hears of it, not just the log
+                    log.exception("control.failed", extra={"command": name})
+                    answer = f"error {type(err).__name__}: {err}"
             log.info("control.command", extra={"command": name if command else "?"})
             writer.write(answer.encode() + b"\n")
             await writer.drain()
