@@ -38,6 +38,7 @@ from mta.receive.tls import ensure_self_signed, server_context
 from mta.schedule.scheduler import Scheduler
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
+from mta.tlsbase import harden
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
 
 
 def _sts_context(config: Config) -> ssl.SSLContext:
-    """HTTPS for MTA-STS policies: PKIX against the system store plus ``tls.ca_file``."""
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    """HTTPS for MTA-STS policies: PKIX against the system store plus ``tls.ca_file``,
+    with the same floor as every outbound connection (``tlsbase.harden``)."""
+    context = harden(ssl.create_default_context())
     if config.tls.ca_file is not None:
         try:
             context.load_verify_locations(cafile=str(config.tls.ca_file))

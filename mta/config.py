@@ -689,6 +689,10 @@ def load(path: Path, home: Path | None = None) -> Config:
         for pattern in patterns:
             if not isinstance(pattern, str):
                 continue  # validate() reports the bad value with its key
+            if not pattern or Path(pattern).is_absolute():  # glob() raises on these
+                raise ConfigError(
+                    path, "include", f"{pattern!r}: must be a pattern relative to {path.parent}"
+                )
             matches = sorted(path.parent.glob(pattern))
             if not matches and not any(c in pattern for c in "*?["):
                 raise ConfigError(path, "include", f"no such file: {pattern}")

@@ -259,6 +259,15 @@ def test_a_missing_include_without_wildcards_is_an_error(tmp_path: Path) -> None
         config.load(tmp_path / "main.toml", HOME)
 
 
+@pytest.mark.parametrize("pattern", ["", "/etc/mta/domains/*.toml"])
+def test_an_empty_or_absolute_include_is_one_line_not_a_traceback(
+    tmp_path: Path, pattern: str
+) -> None:
+    (tmp_path / "main.toml").write_text(f'include = ["{pattern}"]\n')
+    with pytest.raises(ConfigError, match="include: .* must be a pattern relative to"):
+        config.load(tmp_path / "main.toml", HOME)
+
+
 def test_find_policy_exact_beats_longest_suffix() -> None:
     from mta.policy.local import find_policy
 
