@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from mta.reply import SmtpReply
+from mta.reply import S451_LOCAL_ERROR, S452_SPOOL_FULL, SmtpReply
 
 
 class MtaError(Exception):
     """Base of every error the relay raises on purpose."""
 
-    reply: ClassVar[SmtpReply] = SmtpReply(451, "4.3.0", "Local error in processing")
+    reply: ClassVar[SmtpReply] = S451_LOCAL_ERROR
 
 
 class ConfigError(MtaError):
@@ -36,7 +36,7 @@ class KeyFileError(MtaError):
 class SpoolError(MtaError):
     """The spool could not store or read a message (disk full, I/O error)."""
 
-    reply = SmtpReply(452, "4.3.1", "Insufficient system storage")
+    reply = S452_SPOOL_FULL
 
 
 class SpoolCorrupt(SpoolError):

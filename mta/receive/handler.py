@@ -53,12 +53,11 @@ from mta.reply import (
     S250_RCPT_OK,
     S250_SENDER_OK,
     S451_LOCAL_ERROR,
-    S452_SPOOL_FULL,
     S452_TOO_MANY_RCPTS,
     S501_BAD_ADDRESS,
+    S501_BAD_SENDER,
     S550_BARE_LINE_ENDING,
     S554_RELAY_DENIED,
-    SmtpReply,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ log = logging.getLogger(__name__)
 Accept = Callable[[Envelope, bytes], Awaitable[QueueId]]
 """Store a message durably and schedule it; return its queue id (``SpoolError`` if full)."""
 
-S501_BAD_SENDER: Final = SmtpReply(501, "5.1.7", "Bad sender address syntax")
 
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _EXTRA_EHLO: Final = ("PIPELINING", "ENHANCEDSTATUSCODES")
@@ -326,7 +324,7 @@ class RelayHandler:
             qid = await asyncio.shield(self.accept(message, content))
         except SpoolError as err:
             log.error("receive.spool_failed", extra={**facts, "error": type(err).__name__})
-            return str(S452_SPOOL_FULL)
+            return str(err.reply)
         except Exception:
             log.exception("receive.accept_failed", extra=facts)
             return str(S451_LOCAL_ERROR)

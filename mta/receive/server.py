@@ -64,7 +64,7 @@ from mta.errors import ConfigError
 from mta.receive.data import DataStream
 from mta.receive.handler import Accept, RelayHandler, hook_names, peer_ip
 from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
-from mta.reply import S501_BAD_ADDRESS, S530_STARTTLS_FIRST, S552_TOO_BIG
+from mta.reply import S501_BAD_ADDRESS, S503_NEED_RCPT, S530_STARTTLS_FIRST, S552_TOO_BIG
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ class RelaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.push(str(S503_NEED_RCPT))
             return
         if arg:
             await self.push("501 Syntax: DATA")
