@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import ssl
 import warnings
@@ -42,6 +43,7 @@ from mta.errors import ConfigError
 from mta.policy.dane import TlsaRecord, parse_chain, validate_chain, verify_dane, weak_key
 from mta.policy.local import normalise_fingerprint
 
+log = logging.getLogger(__name__)
 _SHA256: Final = hashes.SHA256()
 _PEM_CERT: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -181,6 +183,7 @@ def verify_peer(check: PeerCheck, chain: Sequence[bytes], now: datetime) -> Veri
     try:
         return _verify_peer(check, chain, now)
     except Exception as err:  # fail closed, whatever the input
+        log.exception("deliver.verify_crashed")  # and say so: TLS-RPT will blame the peer
         return VerifyResult(False, "validation-failure", f"verification failed: {err!r}")
 
 

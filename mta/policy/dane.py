@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +52,8 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+
+log = logging.getLogger(__name__)
 
 # RFC 7218 mnemonics for the TLSA parameters that SMTP may use.
 DANE_TA: Final = 2
@@ -364,6 +367,7 @@ def verify_dane(
     try:
         return _verify_dane(records, chain, names, now)
     except Exception as err:  # a bug or a hostile input we did not foresee: fail closed
+        log.exception("dane.check_crashed")  # and say so: TLS-RPT will blame the peer
         return DaneResult(False, "validation-failure", f"DANE check failed: {err!r}")
 
 
