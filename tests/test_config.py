@@ -264,7 +264,7 @@ def test_an_empty_or_absolute_include_is_one_line_not_a_traceback(
     tmp_path: Path, pattern: str
 ) -> None:
     (tmp_path / "main.toml").write_text(f'include = ["{pattern}"]\n')
-    with pytest.raises(ConfigError, match="include: .* must be a pattern relative to"):
+    with pytest.raises(ConfigError, match=r"include: .* must be a pattern relative to"):
         config.load(tmp_path / "main.toml", HOME)
 
 

@@ -53,6 +53,8 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from mta.policy.mx import normalise_host
+
 log = logging.getLogger(__name__)
 
 # RFC 7218 mnemonics for the TLSA parameters that SMTP may use.
@@ -217,7 +219,7 @@ def reference_names(names: Sequence[str]) -> list[str]:
     """Names as certificates carry them: lower-case, no final dot, no empties or repeats."""
     out: list[str] = []
     for name in names:
-        norm = name.strip().lower().rstrip(".")
+        norm = normalise_host(name)
         if norm and norm not in out:
             out.append(norm)
     return out

@@ -35,6 +35,7 @@ from mta.model import TlsLevel
 from mta.policy.dane import TlsaRecord
 from mta.policy.local import DomainPolicy
 from mta.policy.mta_sts import StsMode, StsPolicy
+from mta.policy.mx import normalise_host
 
 __all__ = [
     "HostRequirement",
@@ -122,10 +123,6 @@ class HostRequirement:
     why: str = ""
 
 
-def _name(name: str) -> str:
-    return name.strip().lower().rstrip(".")
-
-
 def decide_domain(
     domain: str, local: DomainPolicy | None, sts: StsFacts, default_level: TlsLevel
 ) -> TransportPolicy:
@@ -137,7 +134,7 @@ def decide_domain(
         sts: the MTA-STS facts; a policy with ``mode: none`` counts as no policy.
         default_level: ``outbound.default_level``.
     """
-    domain = _name(domain)
+    domain = normalise_host(domain)
     if local is not None:
         why = f"local policy {local.name!r} ({local.source or 'config'}): {local.level.label}"
         return TransportPolicy(domain, local.level, PolicySource.LOCAL, why, local=local)
@@ -172,7 +169,7 @@ def decide_host(
         trust: the PKIX anchors for this destination: a local entry's own ``ca_file``
             store when it names one, else the system store plus ``tls.ca_file``.
     """
-    host = _name(host)
+    host = normalise_host(host)
     sts = policy.sts
     if policy.source is PolicySource.MTA_STS and sts is not None and not sts.allows(host):
         raise TlsPolicyFailure(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from mta.model import TlsLevel
+from mta.policy.mx import normalise_host
 
 if TYPE_CHECKING:
     from mta.config import Nexthop
@@ -45,7 +46,7 @@ def normalise_fingerprint(text: str) -> str:
 
 def find_policy(policies: Sequence[DomainPolicy], domain: str) -> DomainPolicy | None:
     """The entry for ``domain``: exact name first, else the longest matching ``.suffix``."""
-    domain = domain.lower().rstrip(".")
+    domain = normalise_host(domain)
     best: DomainPolicy | None = None
     for policy in policies:
         if policy.name == domain:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from mta.policy.mx import normalise_host
+
 __all__ = [
     "MAX_MAX_AGE",
     "MAX_POLICY_BYTES",
@@ -86,8 +88,7 @@ def mx_matches(pattern: str, host: str) -> bool:
     ``mx1.example.net``, not ``example.net`` nor ``a.b.example.net``. Case-insensitive;
     final dots are ignored.
     """
-    pattern = pattern.lower().rstrip(".")
-    host = host.lower().rstrip(".")
+    pattern, host = normalise_host(pattern), normalise_host(host)
     if not pattern or not host:
         return False
     if pattern.startswith("*."):
@@ -208,4 +209,4 @@ def parse_policy(text: str) -> StsPolicy:
 def _mx_pattern(value: str, number: int) -> str:
     if not _MX.fullmatch(value):
         raise StsPolicyError(f"line {number}: invalid mx pattern {value!r}")
-    return value.lower().rstrip(".")
+    return normalise_host(value)

@@ -37,6 +37,7 @@ from mta.clock import Clock
 from mta.policy.decide import StsFacts
 from mta.policy.dns import DnsTempFail, NoDomain, TxtAnswer
 from mta.policy.mta_sts import StsError, StsPolicy, parse_policy, parse_txt
+from mta.policy.mx import normalise_host
 from mta.policy.sts_fetch import StsFetched, StsFetchFailed
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,6 @@ class CachedPolicy:
         """Whether expiry is near: within a quarter of max_age or a day, the smaller."""
         margin = min(self.policy.max_age * REFRESH_MARGIN_FRACTION, REFRESH_MARGIN_MAX)
         return self.expires_at - now <= margin
-
-
-def normalise_domain(domain: str) -> str:
-    """Lower case, no trailing dot."""
-    return domain.rstrip(".").lower()
 
 
 def is_policy_domain(domain: str) -> bool:
@@ -134,7 +130,7 @@ class StsCache:
     def get(self, domain: str) -> CachedPolicy | None:
         """The cached policy of exactly ``domain`` (expired or not), if any."""
         with self._lock:
-            return self._entries.get(normalise_domain(domain))
+            return self._entries.get(normalise_host(domain))
 
     def items(self) -> list[tuple[str, CachedPolicy]]:
         """A snapshot of every (domain, cached policy)."""
@@ -147,7 +143,7 @@ class StsCache:
         entry = CachedPolicy(policy_id, fetched.policy, fetched.text, now)
         with self._write_lock:
             with self._lock:
-                self._entries[normalise_domain(domain)] = entry
+                self._entries[normalise_host(domain)] = entry
                 data = self._encode()
             self._save(data)
         return entry
@@ -156,7 +152,7 @@ class StsCache:
         """Forget the policy of ``domain``."""
         with self._write_lock:
             with self._lock:
-                if self._entries.pop(normalise_domain(domain), None) is None:
+                if self._entries.pop(normalise_host(domain), None) is None:
                     return
                 data = self._encode()
             self._save(data)
@@ -301,7 +297,7 @@ class StsResolver:
         """What MTA-STS says about exactly ``domain`` now (never its parent's policy)."""
         if not self._enabled:
             return StsFacts(policy=None, state="disabled")
-        domain = normalise_domain(domain)
+        domain = normalise_host(domain)
         if not is_policy_domain(domain):
             return StsFacts(policy=None, state="none")
         txt = await self._txt_id(domain)

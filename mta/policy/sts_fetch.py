@@ -39,6 +39,7 @@ from aiohttp.tracing import Trace
 from yarl import URL
 
 from mta.policy.mta_sts import MAX_POLICY_BYTES, StsError, StsPolicy, parse_policy
+from mta.policy.mx import normalise_host
 
 FETCH_ERROR: Final = "sts-policy-fetch-error"
 WEBPKI_INVALID: Final = "sts-webpki-invalid"
@@ -203,7 +204,7 @@ class StsFetcher:
 
     async def fetch(self, domain: str) -> StsFetchResult:
         """The policy of exactly ``domain`` (never its parent's), or why there is none."""
-        domain = domain.rstrip(".").lower()
+        domain = normalise_host(domain)
         try:
             url = policy_url(domain, self._port)
         except ValueError as err:
