@@ -90,11 +90,6 @@ class Destinations:
 
     resolver: DestinationResolver
     sts: StsResolver | None
-    fetcher: StsFetcher | None
-
-    async def close(self) -> None:
-        if self.fetcher is not None:
-            await self.fetcher.close()
 
 
 def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
@@ -140,7 +135,6 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
         if policy.ca_file is not None
     }
     sts: StsResolver | None = None
-    fetcher: StsFetcher | None = None
     if config.mta_sts.enabled:
 
         async def resolve(host: str) -> list[str]:
@@ -163,7 +157,7 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
         dane_trusted=dane_trusted,
         rand=random.Random(),  # noqa: S311 - MX tie-break, not crypto
     )
-    return Destinations(resolver, sts, fetcher)
+    return Destinations(resolver, sts)
 
 
 @dataclass
@@ -187,7 +181,6 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.agent.close()
-        await self.destinations.close()
         self.control.close()
         for server in self.servers:
             await server.wait_closed()

@@ -162,12 +162,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def run() -> check.Report:
         destinations = app.build_destinations(cfg, SystemClock())
-        try:
-            return await check.check_domain(
-                cfg, destinations.resolver, args.domain, connect=args.connect
-            )
-        finally:
-            await destinations.close()
+        return await check.check_domain(
+            cfg, destinations.resolver, args.domain, connect=args.connect
+        )
 
     report = asyncio.run(run())
     print(json.dumps(report.doc, indent=2) if args.json else check.render_text(report))

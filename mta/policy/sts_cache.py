@@ -43,7 +43,6 @@ from mta.policy.sts_fetch import StsFetched, StsFetchFailed
 log = logging.getLogger(__name__)
 
 CACHE_VERSION: Final = 1
-FILE_MODE: Final = 0o600
 MAX_CACHE_BYTES: Final = 64 * 1024 * 1024
 REFRESH_MARGIN_MAX: Final = 86400.0  # refresh at most a day before expiry...
 REFRESH_MARGIN_FRACTION: Final = 0.25  # ...or in the last quarter of max_age if shorter
@@ -180,9 +179,7 @@ class StsCache:
 
 
 def _read(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with open(fd, "rb", closefd=True) as file:
-        data = file.read(MAX_CACHE_BYTES + 1)
+    data = durable.read_file(path, MAX_CACHE_BYTES + 1)
     if len(data) > MAX_CACHE_BYTES:
         raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
     return data
@@ -274,7 +271,6 @@ class StsResolver:
         fetcher: HTTPS policy fetches.
         cache: the policy cache; fetched policies are stored in it.
         clock: wall-clock time for fetch and expiry times.
-        enabled: False -> every domain gets ``state="disabled"`` and no lookups happen.
     """
 
     def __init__(
@@ -283,20 +279,15 @@ class StsResolver:
         fetcher: PolicyFetcher,
         cache: StsCache,
         clock: Clock,
-        *,
-        enabled: bool = True,
     ) -> None:
         self._dns = dns
         self._fetcher = fetcher
         self._cache = cache
         self._clock = clock
-        self._enabled = enabled
         self._inflight: dict[str, asyncio.Task[StsFetched | StsFetchFailed]] = {}
 
     async def facts(self, domain: str) -> StsFacts:
         """What MTA-STS says about exactly ``domain`` now (never its parent's policy)."""
-        if not self._enabled:
-            return StsFacts(policy=None, state="disabled")
         domain = normalise_host(domain)
         if not is_policy_domain(domain):
             return StsFacts(policy=None, state="none")

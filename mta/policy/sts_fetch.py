@@ -227,9 +227,6 @@ class StsFetcher:
         except StsError as err:
             return StsFetchFailed(POLICY_INVALID, f"{url.host}: {err}")
 
-    async def close(self) -> None:
-        """Release resources (none are held between fetches; kept for the interface)."""
-
     async def _get(self, url: URL) -> str:
         """The policy body as text; raises ``_Failed`` or an aiohttp/OS error."""
         host = url.host

@@ -248,7 +248,6 @@ def test_outbound_data_has_one_end_whatever_the_content(sequence: bytes) -> None
             )
         finally:
             await agent.close()
-            await destinations.close()
         return result.results[0].outcome
 
     with HostileServer(WIRE_IP) as wire:

@@ -180,7 +180,6 @@ def deliver(cfg: Config) -> DeliveryResult:
             )
         finally:
             await agent.close()
-            await destinations.close()
 
     return asyncio.run(attempt())
 

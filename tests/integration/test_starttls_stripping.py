@@ -118,7 +118,6 @@ def deliver(config: Config, domain: str) -> DeliveryResult:
             return await agent.deliver(QueueId("q1"), envelope, domain, (rcpt,), CONTENT)
         finally:
             await agent.close()
-            await destinations.close()
 
     return asyncio.run(attempt())
 

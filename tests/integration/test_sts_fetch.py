@@ -74,10 +74,7 @@ def fetch(
             timeout=timeout,
             max_bytes=max_bytes,
         )
-        try:
-            return await fetcher.fetch(domain)
-        finally:
-            await fetcher.close()
+        return await fetcher.fetch(domain)
 
     return run(main())
 
@@ -126,12 +123,9 @@ def test_fetcher_is_reusable_and_asks_again_every_time(
         fetcher = StsFetcher(
             resolve=Names().resolve, ssl_context=client_context(tls_ca), port=server.port
         )
-        try:
-            first = await fetcher.fetch(DOMAIN)
-            server.set_policy(POLICY.replace("enforce", "testing"))
-            return [first, await fetcher.fetch(DOMAIN)]
-        finally:
-            await fetcher.close()
+        first = await fetcher.fetch(DOMAIN)
+        server.set_policy(POLICY.replace("enforce", "testing"))
+        return [first, await fetcher.fetch(DOMAIN)]
 
     first, second = run(main())
     assert isinstance(first, StsFetched)
@@ -215,10 +209,7 @@ def test_resolver_exception_is_a_fetch_error(server: StsServer, tls_ca: trustme.
 
     async def main() -> StsFetchResult:
         fetcher = StsFetcher(resolve=broken, ssl_context=client_context(tls_ca), port=server.port)
-        try:
-            return await fetcher.fetch(DOMAIN)
-        finally:
-            await fetcher.close()
+        return await fetcher.fetch(DOMAIN)
 
     assert failed(run(main())).reason == FETCH_ERROR
 
@@ -333,10 +324,7 @@ def test_cached_policy_is_used_while_the_policy_server_is_down(
 
     async def facts() -> StsFacts:
         fetcher = StsFetcher(resolve=Names().resolve, ssl_context=client_context(tls_ca), port=port)
-        try:
-            return await StsResolver(dns, fetcher, StsCache.load(path), clock).facts(DOMAIN)
-        finally:
-            await fetcher.close()
+        return await StsResolver(dns, fetcher, StsCache.load(path), clock).facts(DOMAIN)
 
     with StsServer(HOST, cert=cert, routes={POLICY_PATH: Route(200, "text/plain", POLICY)}) as srv:
         port = srv.port

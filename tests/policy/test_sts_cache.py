@@ -312,14 +312,6 @@ def test_write_failure_is_logged_and_memory_still_serves(
 # --- StsResolver: RFC 8461 §3.3 / §5.1 ---------------------------------------------------
 
 
-def test_disabled_looks_nothing_up(lab: Lab) -> None:
-    resolver = StsResolver(lab.dns, lab.fetcher, lab.cache, lab.clock, enabled=False)
-    lab.seed("example.com", "a1", ENFORCE)
-    assert run(resolver.facts("example.com")) == StsFacts(None, state="disabled")
-    assert lab.dns.queries == []
-    assert lab.fetcher.fetches == []
-
-
 def test_no_txt_record_no_cache_is_no_policy(lab: Lab) -> None:
     assert lab.facts("example.com") == StsFacts(None, state="none")
     assert lab.dns.queries == ["_mta-sts.example.com"]
