@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import signal
 import socket
@@ -171,6 +172,7 @@ class Relay:
     destinations: Destinations
     agent: DeliveryAgent
     tasks: list[asyncio.Task[None]]
+    spool_lock: int = -1  # the descriptor holding the spool's flock, released at close
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         for server in self.servers:
@@ -184,6 +186,9 @@ class Relay:
         self.control.close()
         for server in self.servers:
             await server.wait_closed()
+        if self.spool_lock >= 0:
+            os.close(self.spool_lock)
+            self.spool_lock = -1
 
 
 def _tls_contexts(
@@ -204,11 +209,26 @@ def _tls_contexts(
 
 
 async def start(config: Config) -> Relay:
-    """Build and start everything; return once the listeners accept connections."""
+    """Build and start everything; return once the listeners accept connections.
+
+    The spool is locked first (``SpoolDirectory.lock``): one relay per spool.
+    """
+    spool = SpoolDirectory(config.spool.path)
+    spool.ensure_dirs()
+    spool_lock = spool.lock()
+    try:
+        relay = await _start(config)
+    except BaseException:
+        os.close(spool_lock)
+        raise
+    relay.spool_lock = spool_lock
+    return relay
+
+
+async def _start(config: Config) -> Relay:
     hostname = hostname_of(config)
     keyring, key_created = open_keyring(config, SpoolDirectory(config.spool.path))
     store = SpoolStore(config.spool.path, keyring)
-    store.ensure_dirs()
     store.sweep_tmp()
     tls_for, cert_created = _tls_contexts(config, hostname)
     if key_created or cert_created:

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -96,6 +97,20 @@ class SpoolDirectory:
         for path in (self.root, self.msg_dir, self.state_dir, self.tmp_dir, self.quarantine_dir):
             path.mkdir(mode=_files.DIR_MODE, parents=True, exist_ok=True)
             os.chmod(path, _files.DIR_MODE)
+
+    def lock(self) -> int:
+        """Take the spool for this process: ``flock`` on its directory. A second ``mta run``
+        on the same spool would try every message twice (and sweep the other's temporary
+        files). Returns the descriptor that holds the lock; closing it releases it, and so
+        does the process's end, even by SIGKILL."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            problem = f"{self.root}: in use by another mta run (one relay per spool)"
+            raise SpoolError(problem) from None
+        return fd
 
     def queue_ids(self) -> list[QueueId]:
         """Every stored message, oldest first (by the time its file was written)."""

@@ -328,6 +328,24 @@ def test_a_listener_that_cannot_bind_fails_start_with_one_line(tmp_path: Path) -
     )
 
 
+def test_a_second_relay_on_the_same_spool_refuses_to_start(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """Two relays on one spool would try every message twice: the second one stops at
+    start, with one line, and the first carries on."""
+    text = policy(f"[127.0.0.14]:{free_port('127.0.0.14')}")
+    first = make_relay(relays, tmp_path, text).start()
+    (tmp_path / "second").mkdir()
+    second = RelayProcess(tmp_path / "second", text)  # its own port, the same MTA_HOME
+    result = run_mta("run", "--config", str(second.policy_file), home=first.home)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mta: {first.home / 'spool'}: in use by another mta run (one relay per spool)"
+    )
+    first.send(SENDER, ["bob@dest.test"], message())  # still serving
+    assert first.terminate() == 0
+
+
 @pytest.mark.parametrize(
     ("flags", "accepted"),
     [
