@@ -270,8 +270,13 @@ class DnsClient:
         )
         return TlsaAnswer(records, secure=answer.secure, name=name)
 
-    async def tlsa_for_host(self, host: str, port: int = 25) -> TlsaFacts:
+    async def tlsa_for_host(
+        self, host: str, port: int = 25, *, addresses: AddressLookup | None = None
+    ) -> TlsaFacts:
         """What DANE may use for ``host`` (RFC 7672 §2.2.2), as ``decide`` wants it.
+
+        ``addresses``: the host's address lookup, when the caller has made it already
+        (delivery has: it connects to them); else it is made here.
 
         The host's address records decide first: insecure -> ``INSECURE`` (no TLSA
         lookup); lookup failure -> ``FAILED``. With secure addresses, TLSA is looked up
@@ -282,7 +287,7 @@ class DnsClient:
         host = normalise_host(host)
         if is_ip(host):
             return TlsaFacts(TlsaStatus.INSECURE, detail=f"{host} is an address, not a name")
-        found = await self.addresses(host)
+        found = addresses if addresses is not None else await self.addresses(host)
         if isinstance(found, DnsTempFail):
             return TlsaFacts(TlsaStatus.FAILED, base=host, detail=found.reason)
         if isinstance(found, NoDomain):

@@ -58,7 +58,9 @@ class DnsLookup(Protocol):
 
     async def addresses(self, host: str) -> AddressLookup: ...
 
-    async def tlsa_for_host(self, host: str, port: int = 25) -> TlsaFacts: ...
+    async def tlsa_for_host(
+        self, host: str, port: int = 25, *, addresses: AddressLookup | None = None
+    ) -> TlsaFacts: ...
 
 
 class StsLookup(Protocol):
@@ -214,4 +216,4 @@ class DestinationResolver:
             return TlsaFacts(TlsaStatus.NOT_LOOKED_UP, detail="DANE disabled or not trusted")
         if plan.mx_lookup and not plan.mx_secure:
             return TlsaFacts(TlsaStatus.INSECURE, detail=f"MX RRset of {plan.nexthop} is insecure")
-        return await self._dns.tlsa_for_host(host, plan.port)
+        return await self._dns.tlsa_for_host(host, plan.port, addresses=addresses)

@@ -80,7 +80,9 @@ class FakeDns:
         self.asked.append(f"A {host}")
         return self._addresses.get(host, NoDomain(f"{host}: NXDOMAIN"))
 
-    async def tlsa_for_host(self, host: str, port: int = 25) -> TlsaFacts:
+    async def tlsa_for_host(
+        self, host: str, port: int = 25, *, addresses: AddressLookup | None = None
+    ) -> TlsaFacts:
         raise AssertionError("DANE is not trusted here: no TLSA lookups")
 
 

@@ -206,6 +206,26 @@ def test_usable_tlsa_for_host(client: DnsClient) -> None:
     assert sorted(facts.records, key=str) == sorted(map(record, [EE_A, TA_C]), key=str)
 
 
+def test_tlsa_for_host_takes_the_address_lookup_already_made(
+    client: DnsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivery has just looked the host's addresses up: the TLSA step reuses that
+    answer instead of asking again (the two could even disagree)."""
+    found = asyncio.run(client.addresses("mx.secure.test"))
+    assert isinstance(found, AddressesFound)
+
+    async def no_second_lookup(host: str) -> AddressesFound:
+        raise AssertionError(f"addresses of {host} looked up again")
+
+    monkeypatch.setattr(client, "addresses", no_second_lookup)
+    facts = asyncio.run(client.tlsa_for_host("mx.secure.test", addresses=found))
+    assert facts.status is TlsaStatus.USABLE
+    insecure = AddressesFound(found.addresses, secure=False)
+    assert asyncio.run(client.tlsa_for_host("mx.secure.test", addresses=insecure)).status is (
+        TlsaStatus.INSECURE
+    )
+
+
 def test_only_unusable_tlsa(client: DnsClient) -> None:
     facts = asyncio.run(client.tlsa_for_host("unusable.secure.test"))
     assert facts.status is TlsaStatus.UNUSABLE
