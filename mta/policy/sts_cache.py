@@ -47,6 +47,10 @@ MAX_CACHE_BYTES: Final = 64 * 1024 * 1024
 REFRESH_MARGIN_MAX: Final = 86400.0  # refresh at most a day before expiry...
 REFRESH_MARGIN_FRACTION: Final = 0.25  # ...or in the last quarter of max_age if shorter
 REFRESH_CONCURRENCY: Final = 8
+# A failed fetch is answered from memory this long for the same (domain, policy id):
+# with the policy host down, each message and retry would otherwise wait out a fresh
+# HTTPS timeout. The background refresher does not look here.
+FAILED_FETCH_HOLD: Final = 300.0
 _POLICY_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _DOMAIN = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 
@@ -285,6 +289,7 @@ class StsResolver:
         self._cache = cache
         self._clock = clock
         self._inflight: dict[str, asyncio.Task[StsFetched | StsFetchFailed]] = {}
+        self._failed: dict[tuple[str, str], tuple[StsFetchFailed, float]] = {}
 
     async def facts(self, domain: str) -> StsFacts:
         """What MTA-STS says about exactly ``domain`` now (never its parent's policy)."""
@@ -299,7 +304,9 @@ class StsResolver:
             return StsFacts(policy=None, state=txt.state)
         if cached is not None and cached.policy_id == txt.policy_id:
             return StsFacts(cached.policy, cached.policy_id, state="cached")
-        result = await self._fetch(domain, txt.policy_id)
+        result = self._recent_failure(domain, txt.policy_id) or await self._fetch(
+            domain, txt.policy_id
+        )
         if isinstance(result, StsFetched):
             return StsFacts(result.policy, txt.policy_id, state="fresh")
         cached = self._usable(domain)  # as of now: the fetch took time
@@ -350,6 +357,18 @@ class StsResolver:
         result = await self._fetch(domain, new_id or entry.policy_id)
         return isinstance(result, StsFetched)
 
+    def _recent_failure(self, domain: str, policy_id: str) -> StsFetchFailed | None:
+        held = self._failed.get((domain, policy_id))
+        if held is None or held[1] <= self._clock.now():
+            return None
+        return held[0]
+
+    def _remember_failure(self, domain: str, policy_id: str, failed: StsFetchFailed) -> None:
+        now = self._clock.now()
+        for key in [key for key, (_, until) in self._failed.items() if until <= now]:
+            del self._failed[key]  # bounded by the domains failing in one hold period
+        self._failed[domain, policy_id] = (failed, now + FAILED_FETCH_HOLD)
+
     def _usable(self, domain: str) -> CachedPolicy | None:
         entry = self._cache.get(domain)
         if entry is not None and entry.is_fresh(self._clock.now()):
@@ -391,6 +410,7 @@ class StsResolver:
                 "sts.policy.fetch_failed",
                 extra={"domain": domain, "reason": result.reason, "detail": result.detail},
             )
+            self._remember_failure(domain, policy_id, result)
             return result
         await asyncio.to_thread(self._cache.put, domain, policy_id, result, self._clock.now())
         log.info(

@@ -15,7 +15,7 @@ import pytest
 from mta.policy.decide import StsFacts
 from mta.policy.dns import DnsTempFail, NoDomain, TxtAnswer
 from mta.policy.mta_sts import StsMode, parse_policy
-from mta.policy.sts_cache import CachedPolicy, StsCache, StsResolver
+from mta.policy.sts_cache import FAILED_FETCH_HOLD, CachedPolicy, StsCache, StsResolver
 from mta.policy.sts_fetch import StsFetched, StsFetchFailed
 
 T = TypeVar("T")
@@ -390,6 +390,24 @@ def test_failed_fetch_keeps_the_unexpired_cached_policy(lab: Lab) -> None:
     assert got.policy_id == "a1"  # the cache is not touched by a failure
 
 
+def test_a_failed_fetch_is_not_retried_for_every_message(lab: Lab) -> None:
+    """The policy host is down: the next messages for that domain hear the same failure
+    from memory (each fetch could wait out a whole timeout), until the hold expires or
+    the TXT id changes."""
+    lab.dns.answers["_mta-sts.example.com"] = txt("a1")
+    first = lab.facts("example.com")
+    assert first.state == "fetch-error"
+    assert lab.facts("example.com") == first
+    assert lab.fetcher.fetches == ["example.com"]
+    lab.dns.answers["_mta-sts.example.com"] = txt("a2")  # a new policy announced
+    lab.facts("example.com")
+    assert lab.fetcher.fetches == ["example.com"] * 2
+    lab.clock.advance(FAILED_FETCH_HOLD)
+    lab.fetcher.results["example.com"] = fetched(ENFORCE)
+    assert lab.facts("example.com").state == "fresh"
+    assert lab.fetcher.fetches == ["example.com"] * 3
+
+
 @pytest.mark.parametrize(
     ("reason", "state"),
     [
@@ -454,6 +472,7 @@ def test_expired_cached_policy_is_never_used(lab: Lab) -> None:
     )
     assert lab.fetcher.fetches == ["example.com"]
 
+    lab.clock.advance(FAILED_FETCH_HOLD)  # the failure is held that long (test above)
     lab.fetcher.results["example.com"] = fetched(SHORT)
     assert lab.facts("example.com") == StsFacts(parse_policy(SHORT), "a1", state="fresh")
 
