@@ -195,7 +195,7 @@ async def _probe_all(
         end = plan.terminal
         return Verdict(VERDICTS[end.outcome], end.reason, str(end.reply))
     settings = session_settings(config)
-    contexts = TlsContexts()
+    contexts = TlsContexts(config)
     verdict = Verdict()
     last = Verdict("defer", None, f"no usable host for {plan.nexthop}")
     for host, doc in zip(hosts, docs, strict=True):

@@ -64,17 +64,25 @@ def session_settings(config: Config) -> SessionSettings:
 
 
 class TlsContexts:
-    """One client context per client identity (none, or a domain policy's certificate)."""
+    """One client context per client identity: none, and each domain policy's certificate.
 
-    def __init__(self) -> None:
-        self._contexts: dict[tuple[Path | None, Path | None], ssl.SSLContext] = {}
+    All are built here, at start-up: a client certificate that cannot be loaded stops
+    the relay with a ``ConfigError``, instead of failing (and being re-read from disk)
+    at every delivery to that domain.
+    """
+
+    def __init__(self, config: Config) -> None:
+        identities = {(None, None)} | {
+            (policy.client_cert, policy.client_key)
+            for policy in config.domains
+            if policy.client_cert is not None
+        }
+        self._contexts: dict[tuple[Path | None, Path | None], ssl.SSLContext] = {
+            identity: client_context(*identity) for identity in identities
+        }
 
     def for_target(self, target: Target) -> ssl.SSLContext:
-        key = (target.client_cert, target.client_key)
-        context = self._contexts.get(key)
-        if context is None:
-            context = self._contexts[key] = client_context(*key)
-        return context
+        return self._contexts[target.client_cert, target.client_key]
 
 
 def targets(plan: DomainPlan, host: HostPlan) -> list[Target]:
@@ -120,7 +128,7 @@ class DeliveryAgent:
     ) -> None:
         self._destinations = destinations
         self._settings = session_settings(config)
-        self._contexts = TlsContexts()
+        self._contexts = TlsContexts(config)
         self._connections = ConnectionCache()
         self._session: SessionRunner = session or self._smtp_session
 

@@ -17,6 +17,7 @@ import pytest
 from mta.config import Config, validate
 from mta.deliver.agent import MAX_ADDRESSES, DeliveryAgent
 from mta.deliver.session import HostFailed, SessionOutcome, Target, Transacted, Transaction
+from mta.errors import ConfigError
 from mta.model import (
     DeliveryResult,
     Envelope,
@@ -372,3 +373,28 @@ def test_one_result_line_per_attempt_without_addresses(caplog: pytest.LogCapture
         text = " ".join(str(v) for v in rec.__dict__.values())
         for address in (*RCPTS, ENVELOPE.mail_from):
             assert address not in text
+
+
+def test_a_client_certificate_that_cannot_be_loaded_stops_start_up(tmp_path: Path) -> None:
+    """Loaded with the agent, not at the first delivery to that domain: the relay does
+    not start with it (and no DSN ever quotes its path)."""
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    cfg = config(
+        {
+            "domain": [
+                {
+                    "name": "dc2.example",
+                    "level": "encrypt",
+                    "client_cert": str(cert),
+                    "client_key": str(key),
+                }
+            ]
+        }
+    )
+    destinations = DestinationResolver(
+        cfg, FakeDns(), None, None, dane_trusted=False, rand=random.Random(0)
+    )
+    with pytest.raises(ConfigError, match=r"domain\.client_cert: cannot load"):
+        DeliveryAgent(cfg, destinations)
