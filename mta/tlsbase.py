@@ -10,9 +10,13 @@ from __future__ import annotations
 import ssl
 from typing import Final
 
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS:!PSK:!SRP"
 FORWARD_SECRET_CIPHERS: Final = _CIPHERS + ":@SECLEVEL=2"  # a cipher list, not a password
 _FS_KEY_EXCHANGES: Final = ("ECDHE-", "DHE-")
+MIN_RSA_BITS: Final = 2048  # RSA and DSA keys, ours and peers' (DESIGN.md)
+MIN_EC_BITS: Final = 224  # @SECLEVEL=2: what the handshake enforces anyway
 
 
 def harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -33,3 +37,15 @@ def is_forward_secret(version: str | None, cipher: str | None) -> bool:
     if version == "TLSv1.2" and cipher:
         return cipher.startswith(_FS_KEY_EXCHANGES)
     return False
+
+
+def weak_public_key(key: object, *, min_ec_bits: int = MIN_EC_BITS) -> str | None:
+    """Why ``key`` is too weak, or ``None``: the one rule for the chains we check (DANE,
+    PKIX, pins) and our own certificates (which ask for more: ``min_ec_bits=256``)."""
+    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        kind = "RSA" if isinstance(key, rsa.RSAPublicKey) else "DSA"
+        return f"{kind} key of {key.key_size} bits is too weak (minimum {MIN_RSA_BITS})"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < min_ec_bits:
+        bits = key.curve.key_size
+        return f"EC key of {bits} bits is too weak (minimum {min_ec_bits})"
+    return None

@@ -245,5 +245,5 @@ def _verify_fingerprint(check: PeerCheck, chain: Sequence[bytes]) -> VerifyResul
         )
     weak = weak_key(leaf)
     if weak is not None:
-        return VerifyResult(False, "weak-key", f"pinned certificate has a {weak}")
+        return VerifyResult(False, "weak-key", f"pinned certificate: {weak}")
     return VerifyResult(True, None, "certificate matches a pinned fingerprint")

@@ -42,7 +42,7 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
@@ -54,6 +54,7 @@ from cryptography.x509.verification import (
 )
 
 from mta.policy.mx import normalise_host
+from mta.tlsbase import weak_public_key
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ MATCH_SHA512: Final = 2
 _DIGEST_SIZES: Final = {MATCH_SHA256: 32, MATCH_SHA512: 64}
 
 MAX_CHAIN: Final = 16  # certificates we look at; a longer chain fails (everything has a limit)
-MIN_RSA_BITS: Final = 2048  # DESIGN.md: RSA (and DSA) keys under 2048 bits are refused
-MIN_EC_BITS: Final = 224  # OpenSSL @SECLEVEL=2, as on the handshake (mta.tlsbase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,17 +161,8 @@ def parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate] | str:
 
 
 def weak_key(cert: x509.Certificate) -> str | None:
-    """Why ``cert``'s public key is too weak (DESIGN.md), or ``None`` if it is strong enough."""
-    key = cert.public_key()
-    return _weak_public_key(key)
-
-
-def _weak_public_key(key: object) -> str | None:
-    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        return f"{key.key_size}-bit RSA/DSA key"
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < MIN_EC_BITS:
-        return f"{key.curve.key_size}-bit EC key"
-    return None
+    """Why ``cert``'s public key is too weak (``tlsbase.weak_public_key``), or ``None``."""
+    return weak_public_key(cert.public_key())
 
 
 # --- path validation (shared with PKIX) ---
@@ -300,7 +290,7 @@ def validate_chain(
             continue
         weak = next(filter(None, (weak_key(cert) for cert in path)), None)
         if weak is not None:
-            return "weak-key", f"valid for {name} but the path has a {weak}"
+            return "weak-key", f"valid for {name} but on the path: {weak}"
         return None, f"valid for {name}, path of {len(path)}"
     return _worst(reasons, untrusted), "; ".join(details)
 
@@ -347,7 +337,7 @@ def _ta_anchors(
         key = serialization.load_der_public_key(record.data)
     except Exception:  # not a key: the record matches nothing
         return
-    if _weak_public_key(key) is not None:
+    if weak_public_key(key) is not None:
         return
     for depth in range(len(certs) - 1, -1, -1):
         if _verify_signed_by(certs[depth], key):
@@ -387,7 +377,9 @@ def _verify_dane(
         if record.usage == DANE_EE and record_matches(record, leaf):
             weak = weak_key(leaf)
             if weak is not None:
-                return DaneResult(False, "weak-key", f"DANE-EE {_label(record)} matches a {weak}")
+                return DaneResult(
+                    False, "weak-key", f"DANE-EE {_label(record)} matches, but: {weak}"
+                )
             return DaneResult(True, None, f"DANE-EE {_label(record)} matches the leaf", record)
     reasons: list[str] = []
     details: list[str] = []

@@ -21,15 +21,14 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 
 from mta import durable
 from mta.errors import ConfigError
-from mta.tlsbase import harden
+from mta.tlsbase import harden, weak_public_key
 
-MIN_RSA_BITS: Final = 2048
-MIN_EC_BITS: Final = 256
+OWN_MIN_EC_BITS: Final = 256  # our certificates: P-256 at least (peers' may be P-224)
 SELF_SIGNED_DAYS: Final = 3650
 CERT_NAME: Final = "cert.pem"
 KEY_NAME: Final = "key.pem"
@@ -44,14 +43,11 @@ def check_certificate_key(cert: Path) -> None:
     except ValueError:
         raise ConfigError(cert, "tls_cert", "not a PEM certificate") from None
     key = leaf.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        problem = f"RSA key of {key.key_size} bits is too weak (minimum {MIN_RSA_BITS})"
-        raise ConfigError(cert, "tls_cert", problem)
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < MIN_EC_BITS:
-        problem = f"EC key of {key.curve.key_size} bits is too weak (minimum {MIN_EC_BITS})"
-        raise ConfigError(cert, "tls_cert", problem)
-    if isinstance(key, dsa.DSAPublicKey):
+    if isinstance(key, dsa.DSAPublicKey):  # TLS 1.3 has no DSA signatures
         raise ConfigError(cert, "tls_cert", "DSA keys are not accepted")
+    problem = weak_public_key(key, min_ec_bits=OWN_MIN_EC_BITS)
+    if problem is not None:
+        raise ConfigError(cert, "tls_cert", problem)
 
 
 def server_context(
