@@ -22,8 +22,6 @@ result type, never an exception.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import ssl
@@ -35,15 +33,27 @@ from pathlib import Path
 from typing import Final, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import Store
 
 from mta.errors import ConfigError
-from mta.policy.dane import TlsaRecord, parse_chain, validate_chain, verify_dane, weak_key
+from mta.policy.dane import (
+    DANE_EE,
+    MATCH_SHA256,
+    SELECTOR_CERT,
+    SELECTOR_SPKI,
+    TlsaRecord,
+    parse_chain,
+    record_matches,
+    validate_chain,
+    verify_dane,
+    weak_key,
+)
 from mta.policy.local import normalise_fingerprint
 
 log = logging.getLogger(__name__)
+_SELECTORS: Final = (SELECTOR_CERT, SELECTOR_SPKI)
 _SHA256: Final = hashes.SHA256()
 _PEM_CERT: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -222,21 +232,15 @@ def _verify_fingerprint(check: PeerCheck, chain: Sequence[bytes]) -> VerifyResul
     if isinstance(certs, str):
         return VerifyResult(False, "certificate-not-trusted", certs)
     leaf = certs[0]
-    spki = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    digests = (
-        hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).digest(),
-        hashlib.sha256(spki).digest(),
-    )
     matched = False
     for pin in check.fingerprints:
         try:
             wanted = bytes.fromhex(normalise_fingerprint(pin).removeprefix("sha256:"))
         except ValueError:
             continue  # config validation rejects these; here a bad pin matches nothing
-        for digest in digests:
-            matched |= hmac.compare_digest(wanted, digest)
+        # A pin is a DANE-EE record in all but name: SHA-256 of the certificate or its key.
+        pins = (TlsaRecord(DANE_EE, selector, MATCH_SHA256, wanted) for selector in _SELECTORS)
+        matched |= any(record_matches(record, leaf) for record in pins)
     if not matched:
         return VerifyResult(
             False,
