@@ -38,9 +38,6 @@ class ConnectionCache:
         self._closing: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def __len__(self) -> int:
-        return sum(len(entries) for entries in self._idle.values())
-
     def take(self, key: CacheKey) -> _Session | None:
         """An idle session for ``key`` that has not outlived its idle time, if any."""
         entries = self._idle.get(key)

@@ -85,18 +85,11 @@ class TrustStore:
         return cls(_load_pem(data, skip_bad=False))
 
     @property
-    def certs(self) -> tuple[x509.Certificate, ...]:
-        return self._certs
-
-    @property
     def store(self) -> Store | None:
         return self._store
 
     def __len__(self) -> int:
         return len(self._certs)
-
-    def __add__(self, other: TrustStore) -> TrustStore:
-        return TrustStore(self._certs + other.certs)
 
     def __repr__(self) -> str:
         return f"TrustStore({len(self._certs)} anchors)"

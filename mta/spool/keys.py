@@ -40,7 +40,7 @@ Random = Callable[[int], bytes]
 class KeyRing:
     """The key-encryption keys of one key file, oldest first, the last one active.
 
-    Build it with ``load``, ``create`` or ``load_or_create``.
+    Build it with ``load`` or ``create``.
     """
 
     def __init__(self, path: Path, keys: dict[str, bytes], *, random: Random) -> None:
@@ -66,18 +66,6 @@ class KeyRing:
             raise KeyFileError(f"{path}: cannot create: {err.strerror}") from None
 
     @classmethod
-    def load_or_create(cls, path: Path, *, random: Random = os.urandom) -> tuple[KeyRing, bool]:
-        """The key ring at ``path``, creating it first if missing; True when created."""
-        if not os.path.lexists(path):
-            try:
-                return cls._create(path, random), True
-            except FileExistsError:
-                pass  # created meanwhile by someone else: load theirs
-            except OSError as err:
-                raise KeyFileError(f"{path}: cannot create: {err.strerror}") from None
-        return cls.load(path, random=random), False
-
-    @classmethod
     def _create(cls, path: Path, random: Random) -> KeyRing:
         keys = {_new_id(random, ()): _new_key(random)}
         if not path.parent.exists():
@@ -86,10 +74,6 @@ class KeyRing:
         _files.fsync_dir(path.parent)
         log.debug("spool.keys.created", extra={"key_file": str(path)})  # app logs mta.init
         return cls(path, keys, random=random)
-
-    @property
-    def path(self) -> Path:
-        return self._path
 
     @property
     def active_id(self) -> str:

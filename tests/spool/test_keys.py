@@ -58,14 +58,6 @@ def test_create_ignores_the_umask(key_file: Path) -> None:
     assert mode_of(key_file) == 0o600
 
 
-def test_load_or_create(key_file: Path) -> None:
-    first, created = KeyRing.load_or_create(key_file)
-    second, created_again = KeyRing.load_or_create(key_file)
-    assert (created, created_again) == (True, False)
-    assert second.ids() == first.ids()
-    assert second.get(first.active_id) == first.get(first.active_id)
-
-
 def test_load_reads_comments_blank_lines_and_takes_the_last_key_as_active(tmp_path: Path) -> None:
     path = write_key_file(tmp_path / "k", f"# keys\n\nold {KEY_A}\n  # note\nnew {KEY_B}  \n")
     ring = KeyRing.load(path)
@@ -86,8 +78,6 @@ def test_symlink_is_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(KeyFileError, match=re.escape(f"{link}: is a symbolic link")):
         KeyRing.load(link)
-    with pytest.raises(KeyFileError, match="symbolic link"):
-        KeyRing.load_or_create(link)
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602, 0o620, 0o700])
