@@ -16,7 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mta.config import Config
-from mta.deliver.agent import TlsContexts, refusal_failure, session_settings, targets
+from mta.deliver.agent import (
+    MAX_ADDRESSES,
+    TlsContexts,
+    refusal_failure,
+    session_settings,
+    targets,
+)
 from mta.deliver.session import HostFailed, Probed, probe_session
 from mta.model import Outcome
 from mta.policy.decide import PolicySource
@@ -190,7 +196,8 @@ async def check_domain(
 async def _probe_all(
     config: Config, plan: DomainPlan, hosts: list[HostPlan], docs: list[dict[str, Any]]
 ) -> Verdict:
-    """Probe every address of every host, in delivery order; the first success decides."""
+    """Probe the addresses the relay would try (at most ``MAX_ADDRESSES``), in delivery
+    order; the first success decides."""
     if plan.terminal is not None:
         end = plan.terminal
         return Verdict(VERDICTS[end.outcome], end.reason, str(end.reply))
@@ -198,6 +205,7 @@ async def _probe_all(
     contexts = TlsContexts(config)
     verdict = Verdict()
     last = Verdict("defer", None, f"no usable host for {plan.nexthop}")
+    tried = 0
     for host, doc in zip(hosts, docs, strict=True):
         doc["connect"] = []
         if host.refusal is not None:
@@ -206,7 +214,8 @@ async def _probe_all(
             continue
         if host.requirement is None:
             continue
-        for target in targets(plan, host):
+        for target in targets(plan, host)[: MAX_ADDRESSES - tried]:  # as the relay does
+            tried += 1
             outcome = await probe_session(target, settings, contexts.for_target(target))
             doc["connect"].append(_probe_doc(target.address, outcome))
             if isinstance(outcome, HostFailed):
@@ -267,8 +276,10 @@ def render_text(report: Report) -> str:
 def _probe_line(probe: dict[str, Any]) -> str:
     if probe["result"] == "failed":
         return f"  connect     {probe['address']}: failed ({probe['reason']}): {probe['reply']}"
-    line = f"  connect     {probe['address']}: {probe['protocol']} {probe['cipher']}"
-    line += " forward-secret" if probe["forward_secret"] else " NO forward secrecy"
+    if probe["protocol"] is None:  # level "may", to a server without STARTTLS
+        line = f"  connect     {probe['address']}: plaintext (no STARTTLS offered)"
+    else:  # a session without forward secrecy never gets this far (no-forward-secrecy)
+        line = f"  connect     {probe['address']}: {probe['protocol']} {probe['cipher']}"
     cert = probe["certificate"]
     if cert:
         line += f"\n  cert        {cert['subject']} (issuer {cert['issuer']})"
