@@ -8,7 +8,7 @@ from mta.check import _probe_line
 def test_a_plaintext_probe_says_so() -> None:
     """Level "may" to a server without STARTTLS: not "None None NO forward secrecy"."""
     probe = {
-        "address": "192.0.2.7",
+        "address": "127.0.0.7",
         "result": "ok",
         "protocol": None,
         "cipher": None,
@@ -18,5 +18,5 @@ def test_a_plaintext_probe_says_so() -> None:
         "verification": None,
     }
     line = _probe_line(probe)
-    assert line.splitlines()[0] == "  connect     192.0.2.7: plaintext (no STARTTLS offered)"
+    assert line.splitlines()[0] == "  connect     127.0.0.7: plaintext (no STARTTLS offered)"
     assert "None" not in line
