@@ -7,6 +7,7 @@ kill it (SIGTERM or SIGKILL) and start it again on the same spool.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -69,6 +70,15 @@ def run_mta(
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def policy(nexthop: str, *, level: str = "encrypt", extra: str = "") -> str:
+    """A policy that sends everything to ``nexthop`` at ``level`` and retries only after
+    an hour (so a deferred message stays put for the test to look at)."""
+    return (
+        f'[outbound]\ndefault_level = "{level}"\nretry_min = "1h"\nretry_max = "2h"\n\n'
+        f'[[route]]\ndomain = "*"\nnexthop = "{nexthop}"\n\n{extra}'
     )
 
 
@@ -145,6 +155,13 @@ class RelayProcess:
         with self.smtp(starttls=starttls) as smtp:
             refused = smtp.sendmail(sender, rcpts, message)
             assert not refused, refused
+
+    def queue(self) -> list[dict[str, object]]:
+        """``mta queue list --json``, parsed (its exit status must be 0)."""
+        listed = self.mta("queue", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        entries: list[dict[str, object]] = json.loads(listed.stdout)
+        return entries
 
     def spool_files(self) -> list[Path]:
         return sorted(p for p in (self.home / "spool").rglob("*") if p.is_file())

@@ -35,21 +35,11 @@ import trustme
 from mta import app, config
 from mta import durable as _files
 from tests.integration.receivers import Receiver
-from tests.integration.relayproc import RelayProcess, client_tls, free_port
+from tests.integration.relayproc import RelayProcess, client_tls, free_port, policy
 
 SENDER = "alice@sender.test"
 FS_SIZE = 4 * 1024 * 1024
 BIG_BODY = 256 * 1024  # bytes of message body: larger than what is left on the disk
-
-
-def policy(nexthop: str, spool: Path | None = None) -> str:
-    text = (
-        '[outbound]\ndefault_level = "encrypt"\nretry_min = "1h"\nretry_max = "2h"\n\n'
-        f'[[route]]\ndomain = "*"\nnexthop = "{nexthop}"\n'
-    )
-    if spool is not None:
-        text += f'\n[spool]\npath = "{spool}"\n'
-    return text
 
 
 def message(token: str, size: int = 0) -> str:
@@ -145,7 +135,9 @@ def test_full_disk_during_data_is_452_and_leaves_nothing(
 ) -> None:
     spool = small_fs / "spool"
     with Receiver("127.0.0.151", tls="fs", ca=tls_ca) as receiver:
-        relay = RelayProcess(tmp_path, policy(f"[127.0.0.151]:{receiver.port}", spool))
+        relay = RelayProcess(
+            tmp_path, policy(f"[127.0.0.151]:{receiver.port}", extra=f'[spool]\npath = "{spool}"\n')
+        )
         try:
             relay.start()
             filler = fill(small_fs, left)

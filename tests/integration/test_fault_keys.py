@@ -25,17 +25,10 @@ import trustme
 
 from mta.spool.keys import KeyRing
 from tests.integration.receivers import Receiver
-from tests.integration.relayproc import RelayProcess, free_port, run_mta, wait_until
+from tests.integration.relayproc import RelayProcess, free_port, policy, run_mta, wait_until
 
 SENDER = "alice@sender.test"
 HOST = "127.0.0.153"
-
-
-def policy(nexthop: str) -> str:
-    return (
-        '[outbound]\ndefault_level = "encrypt"\nretry_min = "1h"\nretry_max = "2h"\n\n'
-        f'[[route]]\ndomain = "*"\nnexthop = "{nexthop}"\n'
-    )
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ import pytest
 import trustme
 
 from tests.integration.receivers import Receiver
-from tests.integration.relayproc import RelayProcess, client_tls, wait_until
+from tests.integration.relayproc import RelayProcess, client_tls, policy, wait_until
 
 SENDER = "load@sender.test"
 MESSAGES = 2000
@@ -43,13 +43,6 @@ DRAIN_TIMEOUT = 30.0  # seconds for the last acknowledged message to arrive afte
 SETTLE = 0.5  # the receiver is quiet this long after a kill before arrivals are counted
 SETTLE_MAX = 5.0
 TOKEN = re.compile(rb"Message-ID: <([0-9a-f]{32})@load\.test>")
-
-
-def policy(nexthop: str) -> str:
-    return (
-        '[outbound]\ndefault_level = "encrypt"\nretry_min = "1h"\nretry_max = "2h"\n\n'
-        f'[[route]]\ndomain = "*"\nnexthop = "{nexthop}"\n'
-    )
 
 
 def message(token: str) -> str:

@@ -154,17 +154,10 @@ def stats(relay: RelayProcess) -> dict[str, int]:
     return {key: int(value) for key, value in (f.split("=") for f in answer.split()[1:])}
 
 
-def queue(relay: RelayProcess) -> list[dict[str, object]]:
-    listed = relay.mta("queue", "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    entries: list[dict[str, object]] = json.loads(listed.stdout)
-    return entries
-
-
 def last_errors(relay: RelayProcess) -> dict[str, list[str]]:
     """Domain -> last_error of each of its queued messages that has one."""
     out: dict[str, list[str]] = {}
-    for entry in queue(relay):
+    for entry in relay.queue():
         domains = entry["domains"]
         assert isinstance(domains, list)
         if entry["last_error"]:
@@ -288,7 +281,7 @@ def observe(world: World, domain: str) -> tuple[str, str]:
             seen.append((DEFER, errors[0]))
         elif arrivals(world, domain) and not any(
             domain in e["domains"]  # type: ignore[operator]
-            for e in queue(world.relay)
+            for e in world.relay.queue()
         ):
             seen.append((DELIVER, ""))
         return bool(seen)

@@ -255,9 +255,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def deferred_reason(world: World, domain: str) -> str | None:
-    listing = world.relay.mta("queue", "list", "--json")
-    assert listing.returncode == 0, listing.stderr
-    for entry in json.loads(listing.stdout):
+    for entry in world.relay.queue():
         if entry["domains"] == [domain] and entry["last_error"]:
             error: str = entry["last_error"]
             return error.rsplit("(", 1)[-1].rstrip(")") if error.endswith(")") else error

@@ -6,7 +6,6 @@ Each test runs ``python -m mta run`` as an operator would, with receivers on oth
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import stat
@@ -19,16 +18,9 @@ import pytest
 import trustme
 
 from tests.integration.receivers import Receiver
-from tests.integration.relayproc import RelayProcess, free_port, run_mta, wait_until
+from tests.integration.relayproc import RelayProcess, free_port, policy, run_mta, wait_until
 
 SENDER = "alice@sender.test"
-
-
-def policy(nexthop: str, *, level: str = "encrypt", extra: str = "") -> str:
-    return (
-        f'[outbound]\ndefault_level = "{level}"\nretry_min = "1h"\nretry_max = "2h"\n\n'
-        f'[[route]]\ndomain = "*"\nnexthop = "{nexthop}"\n\n{extra}'
-    )
 
 
 def message(subject: str = "hello", body: str = "hello world", rcpt: str = "bob@dest.test") -> str:
@@ -49,13 +41,6 @@ def make_relay(relays: list[RelayProcess], tmp_path: Path, text: str) -> RelayPr
     return relay
 
 
-def queue(relay: RelayProcess) -> list[dict[str, object]]:
-    result = relay.mta("queue", "list", "--json")
-    assert result.returncode == 0, result.stderr
-    entries: list[dict[str, object]] = json.loads(result.stdout)
-    return entries
-
-
 def test_relays_over_tls_with_received_line(
     tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
@@ -69,7 +54,7 @@ def test_relays_over_tls_with_received_line(
     received = got.content.split(b"\r\n\r\n", 1)[0]
     assert b"Received: from client.test" in received
     assert b"using TLSv1.3" in received
-    wait_until(lambda: not queue(relay), 10, "the queue to empty")
+    wait_until(lambda: not relay.queue(), 10, "the queue to empty")
 
 
 def test_swaks_relays_a_message(
@@ -112,9 +97,9 @@ def test_encrypt_defers_without_forward_secret_tls(
     with Receiver("127.0.0.4", tls=tls, ca=tls_ca) as receiver:
         relay = make_relay(relays, tmp_path, policy(f"[127.0.0.4]:{receiver.port}")).start()
         relay.send(SENDER, ["bob@dest.test"], message())
-        wait_until(lambda: any(e["last_error"] for e in queue(relay)), 20, "a deferral")
+        wait_until(lambda: any(e["last_error"] for e in relay.queue()), 20, "a deferral")
         assert receiver.messages == []
-    (entry,) = queue(relay)
+    (entry,) = relay.queue()
     expected = "starttls-not-supported" if tls == "none" else "no-forward-secrecy"
     assert expected in str(entry["last_error"])
     assert entry["domains"] == ["dest.test"]
@@ -150,7 +135,7 @@ def test_no_plaintext_on_disk_or_in_logs(
             sender, [rcpt], message(subject=f"subj {token}", body=f"body {token}", rcpt=rcpt)
         )
         wait_until(
-            lambda: any(e["last_error"] for e in queue(relay)), 20, "a deferral (state written)"
+            lambda: any(e["last_error"] for e in relay.queue()), 20, "a deferral (state written)"
         )
     files = relay.spool_files()
     assert any(p.parent.name == "msg" for p in files)
@@ -221,13 +206,13 @@ def test_flush_retries_deferred_mail_while_running(
     port = free_port("127.0.0.10")
     relay = make_relay(relays, tmp_path, policy(f"[127.0.0.10]:{port}")).start()
     relay.send(SENDER, ["bob@dest.test"], message())
-    wait_until(lambda: any(e["last_error"] for e in queue(relay)), 20, "a deferral")
+    wait_until(lambda: any(e["last_error"] for e in relay.queue()), 20, "a deferral")
     with Receiver("127.0.0.10", port=port, tls="fs", ca=tls_ca) as receiver:
         flushed = relay.mta("queue", "flush")
         assert flushed.returncode == 0, flushed.stderr
         assert "flushed: 1" in flushed.stdout
         receiver.wait_for(1, timeout=20)
-    wait_until(lambda: not queue(relay), 10, "the queue to empty")
+    wait_until(lambda: not relay.queue(), 10, "the queue to empty")
 
 
 def test_sigterm_exits_cleanly_and_keeps_the_queue(
@@ -237,7 +222,7 @@ def test_sigterm_exits_cleanly_and_keeps_the_queue(
     relay.send(SENDER, ["bob@dest.test"], message())
     assert relay.terminate() == 0
     assert "mta.stopped" in relay.log
-    (entry,) = queue(relay)
+    (entry,) = relay.queue()
     assert entry["domains"] == ["dest.test"]
 
 

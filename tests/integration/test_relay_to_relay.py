@@ -9,7 +9,6 @@ matches nothing here), and delivers onward to a receiving server.
 from __future__ import annotations
 
 import hashlib
-import json
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,8 +81,7 @@ class Link:
         self.receiver.stop()
 
     def dc1_last_error(self) -> str:
-        listing = self.dc1.mta("queue", "list", "--json")
-        entries = json.loads(listing.stdout)
+        entries = self.dc1.queue()
         return str(entries[0]["last_error"]) if entries else ""
 
 

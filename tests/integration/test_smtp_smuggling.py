@@ -18,7 +18,6 @@ writes CRLF lines and dot-stuffs, so a receiver finds exactly one end of data).
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,11 +193,6 @@ def chain(
             relay.stop()
 
 
-def queue_is_empty(relay: RelayProcess) -> bool:
-    listing = relay.mta("queue", "list", "--json")
-    return listing.returncode == 0 and json.loads(listing.stdout) == []
-
-
 def test_through_the_relay_exactly_the_honest_message_arrives(
     chain: tuple[RelayProcess, Receiver],
 ) -> None:
@@ -215,7 +209,7 @@ def test_through_the_relay_exactly_the_honest_message_arrives(
         assert client.reply().startswith("250 2.0.0 Ok: queued as ")
         assert client.command("QUIT").startswith("221")
     (got,) = receiver.wait_for(1, timeout=20)
-    wait_until(lambda: queue_is_empty(relay), 20, "the relay's queue to empty")
+    wait_until(lambda: relay.queue() == [], 20, "the relay's queue to empty")
     assert len(receiver.messages) == 1
     assert got.rcpt_tos == ["bob@dest.test"]
     assert got.content.endswith(b"Subject: honest\r\n\r\nthe only message\r\n")
