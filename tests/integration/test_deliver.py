@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import trustme
 
-from mta.app import build_destinations
-from mta.clock import SystemClock
 from mta.config import Config, validate
-from mta.deliver.agent import DeliveryAgent
-from mta.model import DeliveryResult, Envelope, Outcome, QueueId
+from mta.model import DeliveryResult, Outcome
 from mta.tlsbase import is_forward_secret
+from tests.integration import outbound
 from tests.integration.dnsserver import TinyDns, Zone
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import common_port
@@ -84,15 +82,7 @@ def make_config(
 def deliver(
     cfg: Config, domain: str, rcpts: tuple[str, ...], content: bytes = CONTENT
 ) -> DeliveryResult:
-    async def attempt() -> DeliveryResult:
-        agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
-        envelope = Envelope(SENDER, rcpts, received_at=0.0)
-        try:
-            return await agent.deliver(QueueId("q1"), envelope, domain, rcpts, content)
-        finally:
-            await agent.close()  # its cached connections
-
-    return asyncio.run(attempt())
+    return outbound.deliver(cfg, domain, rcpts, content, sender=SENDER)
 
 
 def routed(dns_server: TinyDns, receiver: Receiver, level: str = "encrypt") -> Config:
@@ -368,15 +358,7 @@ def run_with_server(
 def agent_attempt(
     cfg: Config, domain: str, rcpts: tuple[str, ...], *, smtputf8: bool = False
 ) -> Callable[[], Coroutine[Any, Any, DeliveryResult]]:
-    async def attempt() -> DeliveryResult:
-        agent = DeliveryAgent(cfg, build_destinations(cfg, SystemClock()).resolver)
-        envelope = Envelope(SENDER, rcpts, received_at=0.0, smtputf8=smtputf8)
-        try:
-            return await agent.deliver(QueueId("q2"), envelope, domain, rcpts, CONTENT)
-        finally:
-            await agent.close()  # its cached connections
-
-    return attempt
+    return lambda: outbound.attempt(cfg, domain, rcpts, CONTENT, sender=SENDER, smtputf8=smtputf8)
 
 
 def test_a_5xx_to_mail_from_bounces_every_recipient(dns_server: TinyDns) -> None:

@@ -26,12 +26,10 @@ from typing import Any
 import pytest
 import trustme
 
-from mta.app import build_destinations
-from mta.clock import SystemClock
 from mta.config import validate
-from mta.deliver.agent import DeliveryAgent
-from mta.model import Envelope, Outcome, QueueId
+from mta.model import Outcome
 from mta.receive.auth import PasswordFile
+from tests.integration import outbound
 from tests.integration.hostile import HostileServer
 from tests.integration.inbound import (
     PASSWORD,
@@ -233,15 +231,7 @@ def test_outbound_data_has_one_end_whatever_the_content(sequence: bytes) -> None
             "domain": [{"name": "dest.test", "level": "may"}],  # the wire recorder has no TLS
         }
         cfg = validate(raw, "test.toml", Path("/nonexistent"))
-        destinations = build_destinations(cfg, SystemClock())
-        agent = DeliveryAgent(cfg, destinations.resolver)
-        envelope = Envelope("alice@sender.test", ("bob@dest.test",), received_at=0.0)
-        try:
-            result = await agent.deliver(
-                QueueId("q1"), envelope, "dest.test", ("bob@dest.test",), content
-            )
-        finally:
-            await agent.close()
+        result = await outbound.attempt(cfg, "dest.test", ["bob@dest.test"], content)
         return result.results[0].outcome
 
     with HostileServer(WIRE_IP) as wire:

@@ -25,13 +25,11 @@ import aiosmtplib
 import pytest
 import trustme
 
-from mta.app import build_destinations
-from mta.clock import SystemClock
 from mta.config import Config, validate
-from mta.deliver.agent import DeliveryAgent
-from mta.model import DeliveryResult, Envelope, Outcome, QueueId
+from mta.model import DeliveryResult, Outcome
 from mta.receive.auth import PasswordFile
 from mta.tlsbase import harden
+from tests.integration import outbound
 from tests.integration.hostile import HostileServer
 from tests.integration.inbound import (
     RawSmtp,
@@ -170,18 +168,7 @@ def agent_config(port: int) -> Config:
 
 
 def deliver(cfg: Config) -> DeliveryResult:
-    async def attempt() -> DeliveryResult:
-        destinations = build_destinations(cfg, SystemClock())
-        agent = DeliveryAgent(cfg, destinations.resolver)
-        envelope = Envelope("alice@sender.test", ("bob@dest.test",), received_at=0.0)
-        try:
-            return await agent.deliver(
-                QueueId("q1"), envelope, "dest.test", ("bob@dest.test",), CONTENT
-            )
-        finally:
-            await agent.close()
-
-    return asyncio.run(attempt())
+    return outbound.deliver(cfg, "dest.test", ["bob@dest.test"], CONTENT)
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["same-write", "separate-write"])

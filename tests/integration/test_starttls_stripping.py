@@ -13,7 +13,6 @@ server publishes the MTA-STS policy. Delivery runs through ``DeliveryAgent`` in-
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +23,9 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from mta.app import build_destinations
-from mta.clock import SystemClock
 from mta.config import Config, validate
-from mta.deliver.agent import DeliveryAgent
-from mta.model import DeliveryResult, Envelope, Outcome, QueueId
+from mta.model import DeliveryResult, Outcome
+from tests.integration import outbound
 from tests.integration.dnslab import DnsLab
 from tests.integration.hostile import ProxyMode, StrippingProxy
 from tests.integration.receivers import Receiver
@@ -109,17 +106,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def deliver(config: Config, domain: str) -> DeliveryResult:
-    async def attempt() -> DeliveryResult:
-        destinations = build_destinations(config, SystemClock())
-        agent = DeliveryAgent(config, destinations.resolver)
-        rcpt = f"bob@{domain}"
-        envelope = Envelope("alice@sender.test", (rcpt,), received_at=0.0)
-        try:
-            return await agent.deliver(QueueId("q1"), envelope, domain, (rcpt,), CONTENT)
-        finally:
-            await agent.close()
-
-    return asyncio.run(attempt())
+    return outbound.deliver(config, domain, [f"bob@{domain}"], CONTENT)
 
 
 def through(world: World, domain: str, mode: ProxyMode) -> tuple[DeliveryResult, bytes, int]:
