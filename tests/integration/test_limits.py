@@ -15,14 +15,11 @@ from __future__ import annotations
 import base64
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from mta.errors import SpoolError
-from mta.receive.auth import PasswordFile
 from tests.integration.inbound import (
     HOST,
     PASSWORD,
@@ -31,39 +28,12 @@ from tests.integration.inbound import (
     RawSmtp,
     Recorder,
     Relay,
-    listener_context,
     make_config,
-    password_file,
 )
 
 OTHER = "127.0.0.3"  # another client
 THIRD = "127.0.0.4"
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
-
-
-@pytest.fixture(scope="module")
-def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
-
-
-@pytest.fixture(scope="module")
-def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
-    return password_file(tmp_path_factory.mktemp("auth"))
-
-
-@pytest.fixture
-def limits() -> str:
-    """The ``[limits]`` lines of the relay under test (a test overrides it by parametrize)."""
-    return ""
-
-
-@pytest.fixture
-def relay(
-    tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile, limits: str
-) -> Iterator[Relay]:
-    config = make_config(tmp_path, limits=limits)
-    with Relay(config, Recorder(), server_tls, passwords.authenticator) as running:
-        yield running
 
 
 def with_limits(text: str) -> pytest.MarkDecorator:

@@ -15,11 +15,9 @@ import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from mta.errors import ConfigError, SpoolError
 from mta.receive.auth import PasswordFile
@@ -32,39 +30,9 @@ from tests.integration.inbound import (
     RawSmtp,
     Recorder,
     Relay,
-    listener_context,
     make_config,
-    password_file,
     wait_for_record,
 )
-
-
-@pytest.fixture(scope="module")
-def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
-
-
-@pytest.fixture
-def client_tls(ca_file: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca_file))
-
-
-@pytest.fixture(scope="module")
-def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
-    return password_file(tmp_path_factory.mktemp("auth"))
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def relay(
-    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, passwords: PasswordFile
-) -> Iterator[Relay]:
-    with Relay(make_config(tmp_path), recorder, server_tls, passwords.authenticator) as running:
-        yield running
 
 
 def ehlo_keywords(smtp: smtplib.SMTP) -> set[str]:
@@ -93,13 +61,13 @@ MESSAGE = b"From: a@example.test\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
 # --- EHLO, STARTTLS, AUTH ---
 
 
-def test_ehlo_before_and_after_starttls(relay: Relay, client_tls: ssl.SSLContext) -> None:
+def test_ehlo_before_and_after_starttls(relay: Relay, client_context: ssl.SSLContext) -> None:
     with relay.client() as smtp:
         before = ehlo_keywords(smtp)
         assert {"STARTTLS", "SIZE", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"} <= before
         assert "AUTH" not in before
         assert smtp.esmtp_features["size"] == str(64 * 1024)
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         after = ehlo_keywords(smtp)
         assert "STARTTLS" not in after
         assert {"PIPELINING", "ENHANCEDSTATUSCODES"} <= after
@@ -122,9 +90,9 @@ def test_auth_before_starttls_refused(relay: Relay) -> None:
         assert reply(smtp, "RCPT TO:<b@other.test>").startswith("554 5.7.1")
 
 
-def test_auth_after_starttls(relay: Relay, client_tls: ssl.SSLContext) -> None:
+def test_auth_after_starttls(relay: Relay, client_context: ssl.SSLContext) -> None:
     with relay.client() as smtp:
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         smtp.ehlo()
         with pytest.raises(smtplib.SMTPAuthenticationError) as caught:
             smtp.login(USER, "wrong password")
@@ -133,9 +101,9 @@ def test_auth_after_starttls(relay: Relay, client_tls: ssl.SSLContext) -> None:
         assert code == 235, text
 
 
-def test_auth_login_mechanism(relay: Relay, client_tls: ssl.SSLContext) -> None:
+def test_auth_login_mechanism(relay: Relay, client_context: ssl.SSLContext) -> None:
     with relay.client() as smtp:
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         smtp.ehlo()
         smtp.user, smtp.password = USER, PASSWORD
         code, _ = smtp.auth("LOGIN", smtp.auth_login)
@@ -146,7 +114,7 @@ def test_password_check_runs_off_the_event_loop(
     tmp_path: Path,
     recorder: Recorder,
     server_tls: ssl.SSLContext,
-    client_tls: ssl.SSLContext,
+    client_context: ssl.SSLContext,
     passwords: PasswordFile,
 ) -> None:
     threads: list[threading.Thread] = []
@@ -157,7 +125,7 @@ def test_password_check_runs_off_the_event_loop(
 
     with Relay(make_config(tmp_path), recorder, server_tls, checking) as relay:
         with relay.client() as smtp:
-            smtp.starttls(context=client_tls)
+            smtp.starttls(context=client_context)
             smtp.ehlo()
             assert smtp.login(USER, PASSWORD)[0] == 235
         loop_thread = relay._thread
@@ -167,13 +135,13 @@ def test_password_check_runs_off_the_event_loop(
 
 
 def test_no_auth_without_password_file(
-    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+    tmp_path: Path, recorder: Recorder, server_tls: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     with (
         Relay(make_config(tmp_path, auth=False), recorder, server_tls, None) as relay,
         relay.client() as smtp,
     ):
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         assert "AUTH" not in ehlo_keywords(smtp)
         blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
         code, _ = smtp.docmd("AUTH", f"PLAIN {blob}")
@@ -236,10 +204,10 @@ def test_trusted_network_relays_anywhere(relay: Relay, recorder: Recorder) -> No
 
 
 def test_authenticated_client_relays_anywhere(
-    relay: Relay, recorder: Recorder, client_tls: ssl.SSLContext
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext
 ) -> None:
     with relay.client() as smtp:
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         smtp.ehlo()
         smtp.login(USER, PASSWORD)
         assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
@@ -271,7 +239,7 @@ def test_require_tls_refuses_mail_before_starttls(
     tmp_path: Path,
     recorder: Recorder,
     server_tls: ssl.SSLContext,
-    client_tls: ssl.SSLContext,
+    client_context: ssl.SSLContext,
     passwords: PasswordFile,
 ) -> None:
     config = make_config(tmp_path, listener='mode = "relay"\nrequire_tls = true')
@@ -281,7 +249,7 @@ def test_require_tls_refuses_mail_before_starttls(
     ):
         smtp.ehlo()
         assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("530 5.7.0")
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         smtp.ehlo()
         assert reply(smtp, "MAIL FROM:<a@example.test>").startswith("250 2.1.0")
 
@@ -290,7 +258,7 @@ def test_submission_requires_tls_and_auth(
     tmp_path: Path,
     recorder: Recorder,
     server_tls: ssl.SSLContext,
-    client_tls: ssl.SSLContext,
+    client_context: ssl.SSLContext,
     passwords: PasswordFile,
 ) -> None:
     config = make_config(tmp_path, listener='mode = "submission"')
@@ -303,7 +271,7 @@ def test_submission_requires_tls_and_auth(
         blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
         code, _ = smtp.docmd("AUTH", f"PLAIN {blob}")
         assert 500 <= code < 600
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         smtp.ehlo()
         assert reply(smtp, "MAIL FROM:<a@example.test>") == ("530 5.7.0 Authentication required")
         smtp.login(USER, PASSWORD)
@@ -326,13 +294,13 @@ def test_smtps_implicit_tls(
     tmp_path: Path,
     recorder: Recorder,
     server_tls: ssl.SSLContext,
-    client_tls: ssl.SSLContext,
+    client_context: ssl.SSLContext,
     passwords: PasswordFile,
 ) -> None:
     config = make_config(tmp_path, listener='mode = "smtps"')
     with Relay(config, recorder, server_tls, passwords.authenticator) as relay:
         with smtplib.SMTP_SSL(
-            HOST, relay.port, local_hostname="client.test", timeout=TIMEOUT, context=client_tls
+            HOST, relay.port, local_hostname="client.test", timeout=TIMEOUT, context=client_context
         ) as smtp:
             features = ehlo_keywords(smtp)
             assert "STARTTLS" not in features
@@ -464,10 +432,10 @@ def test_received_header_without_tls(relay: Relay, recorder: Recorder) -> None:
 
 
 def test_received_header_after_starttls(
-    relay: Relay, recorder: Recorder, client_tls: ssl.SSLContext
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext
 ) -> None:
     with relay.client() as smtp:
-        smtp.starttls(context=client_tls)
+        smtp.starttls(context=client_context)
         assert smtp.sendmail("a@example.test", ["b@local.test"], MESSAGE[:-3]) == {}
         tls = smtp.sock
         assert isinstance(tls, ssl.SSLSocket)
@@ -603,7 +571,7 @@ def test_listener_config_port_in_use_names_listener(
 
 
 def test_replies_to_pipelined_commands_come_in_one_tls_record(
-    relay: Relay, client_tls: ssl.SSLContext
+    relay: Relay, client_context: ssl.SSLContext
 ) -> None:
     """RFC 2920: the replies to MAIL, RCPT and DATA sent together are collected and
     written once; over TLS one read returns at most one record, so one read holds all
@@ -612,7 +580,7 @@ def test_replies_to_pipelined_commands_come_in_one_tls_record(
         assert client.reply().startswith("220")
         assert client.command("EHLO client.test").endswith("250 HELP")
         assert client.command("STARTTLS").startswith("220")
-        client.starttls(client_tls)
+        client.starttls(client_context)
         assert client.command("EHLO client.test").endswith("250 HELP")
         assert client.command("NOOP").startswith("250")  # whatever TLS sent first is read
         client.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n")

@@ -28,17 +28,12 @@ import trustme
 
 from mta.config import validate
 from mta.model import Outcome
-from mta.receive.auth import PasswordFile
 from tests.integration import outbound
 from tests.integration.hostile import HostileServer
 from tests.integration.inbound import (
     PASSWORD,
     RawSmtp,
-    Recorder,
     Relay,
-    listener_context,
-    make_config,
-    password_file,
 )
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import RelayProcess, wait_until
@@ -66,22 +61,6 @@ def smuggling(sequence: bytes, rcpt_domain: str = "dest.test") -> bytes:
     """A DATA section: one message, a fake end of data, a whole second transaction."""
     hidden = SMUGGLED.replace(b"@dest.test", b"@" + rcpt_domain.encode())
     return b"Subject: honest\r\n\r\nfirst part" + sequence + hidden
-
-
-@pytest.fixture(scope="module")
-def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
-
-
-@pytest.fixture(scope="module")
-def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
-    return password_file(tmp_path_factory.mktemp("auth"))
-
-
-@pytest.fixture
-def relay(tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile) -> Iterator[Relay]:
-    with Relay(make_config(tmp_path), Recorder(), server_tls, passwords.authenticator) as running:
-        yield running
 
 
 def start_transaction(client: RawSmtp, rcpt: str = "<b@local.test>") -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,12 @@ import trustme
 
 from mta.config import Config, validate
 from mta.model import DeliveryResult, Outcome
-from mta.receive.auth import PasswordFile
 from mta.tlsbase import harden
 from tests.integration import outbound
 from tests.integration.hostile import HostileServer
 from tests.integration.inbound import (
     RawSmtp,
-    Recorder,
     Relay,
-    listener_context,
-    make_config,
-    password_file,
     wait_for_record,
 )
 from tests.integration.relayproc import RelayProcess, client_tls
@@ -50,27 +44,6 @@ INJECTED = (
     b"250 2.0.0 injected: queued\r\n"
 )
 CONTENT = b"Subject: injection\r\n\r\nbody\r\n"
-
-
-@pytest.fixture(scope="module")
-def server_tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return listener_context(tls_ca, tmp_path_factory.mktemp("server-tls"))
-
-
-@pytest.fixture(scope="module")
-def passwords(tmp_path_factory: pytest.TempPathFactory) -> PasswordFile:
-    return password_file(tmp_path_factory.mktemp("auth"))
-
-
-@pytest.fixture
-def relay(tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile) -> Iterator[Relay]:
-    with Relay(make_config(tmp_path), Recorder(), server_tls, passwords.authenticator) as running:
-        yield running
-
-
-@pytest.fixture
-def client_context(ca_file: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca_file))
 
 
 # --- inbound: commands pipelined after STARTTLS ---
