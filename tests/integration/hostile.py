@@ -25,22 +25,18 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Literal
+from typing import Literal
 
-START_TIMEOUT: Final = 10.0
+from tests.integration.threaded import ThreadedServer
 
 ProxyMode = Literal["pass", "hide", "454"]
 
 
-class _LoopThread:
-    """An event loop in a daemon thread that runs one ``asyncio.start_server``."""
+class _LoopThread(ThreadedServer):
+    """A ``ThreadedServer`` that runs one ``asyncio.start_server`` calling ``handle``."""
 
-    def __init__(self, host: str, port: int, name: str) -> None:
-        self.host, self.port, self.name = host, port, name
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+    def __init__(self, host: str, port: int, kind: str) -> None:
+        self.host, self.port, self.kind = host, port, kind
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -59,18 +55,6 @@ class _LoopThread:
         finally:
             writer.close()
             self._tasks.discard(task)
-
-    def start(self) -> _LoopThread:
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name=self.name, daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(START_TIMEOUT):
-            raise RuntimeError(f"{self.name} did not start")
-        if self._error is not None:
-            raise self._error
-        return self
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -92,6 +76,7 @@ class _LoopThread:
             loop.run_forever()
         finally:
             loop.run_until_complete(self._shutdown(server))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             asyncio.set_event_loop(None)
             loop.close()
 
@@ -103,21 +88,6 @@ class _LoopThread:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(START_TIMEOUT)
-        self._thread = None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
@@ -147,14 +117,10 @@ class HostileServer(_LoopThread):
         inject: bytes = b"",
         separate: bool = False,
     ) -> None:
-        super().__init__(host, port, f"hostile-{host}")
+        super().__init__(host, port, "hostile")
         self.context, self.inject, self.separate = context, inject, separate
         self.commands: list[Seen] = []
         self.messages: list[tuple[bool, bytes]] = []  # (over TLS, DATA bytes up to the dot)
-
-    def __enter__(self) -> HostileServer:
-        self.start()
-        return self
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = False
@@ -205,14 +171,10 @@ class StrippingProxy(_LoopThread):
     def __init__(
         self, host: str, port: int, upstream: tuple[str, int], mode: ProxyMode = "pass"
     ) -> None:
-        super().__init__(host, port, f"proxy-{host}")
+        super().__init__(host, port, "proxy")
         self.upstream = upstream
         self.mode: ProxyMode = mode
         self.plaintext = b""
-
-    def __enter__(self) -> StrippingProxy:
-        self.start()
-        return self
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
