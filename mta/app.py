@@ -256,9 +256,10 @@ async def _start(config: Config) -> Relay:
     recovered = await scheduler.recover()
 
     async def accept(envelope: Envelope, content: bytes) -> QueueId:
-        qid = await store.put(envelope, content)
-        scheduler.enqueue(qid, envelope, content)
-        return qid
+        # Scheduled as soon as it is durable, even if the client has hung up by then.
+        return await store.put(
+            envelope, content, lambda qid: scheduler.enqueue(qid, envelope, content)
+        )
 
     tasks = [asyncio.create_task(scheduler.run(), name="scheduler")]
     if destinations.sts is not None:

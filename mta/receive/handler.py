@@ -21,7 +21,6 @@ client get ``250``.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import email.utils
 import ipaddress
@@ -319,9 +318,7 @@ class RelayHandler:
             "tls": tls.version() if tls is not None else "none",
         }
         try:
-            # Shielded: once stored, a message is scheduled even if the client hangs up
-            # before our 250 (it may send it again: a duplicate, never a stranded record).
-            qid = await asyncio.shield(self.accept(message, content))
+            qid = await self.accept(message, content)
         except SpoolError as err:
             log.error("receive.spool_failed", extra={**facts, "error": type(err).__name__})
             return str(err.reply)

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -196,8 +196,18 @@ class SpoolStore(SpoolDirectory):
 
     # --- messages ---
 
-    async def put(self, envelope: Envelope, content: bytes) -> QueueId:
+    async def put(
+        self,
+        envelope: Envelope,
+        content: bytes,
+        stored: Callable[[QueueId], None] | None = None,
+    ) -> QueueId:
         """Seal and store a message durably; return its queue id. ``SpoolError`` on failure.
+
+        ``stored(qid)`` is called, on the loop, once the record is durable, before
+        ``put`` returns; and also when the caller was cancelled meanwhile (the client
+        hung up before its ``250``): the record is in ``msg/`` then all the same, and
+        must be scheduled, not left for the next restart.
 
         Sealing and writing into the page cache happen here, on the loop; only the waits
         for the disk (``durable.settle``: fsync, link into ``msg/``, fsync of ``msg/``)
@@ -214,9 +224,14 @@ class SpoolStore(SpoolDirectory):
         tmp = self.tmp_dir / qid
         with _storage_errors("store", qid):
             fd = _files.create_written(tmp, record)
-        # The thread owns ``fd`` from here: were this task cancelled (the client hung up),
-        # closing it here could hand its number to the next put while the thread fsyncs.
-        await asyncio.get_running_loop().run_in_executor(self._writers, self._settle, fd, tmp, qid)
+        # The thread owns ``fd`` from here and runs to the end whatever happens to this
+        # task (a cancelled run_in_executor could cancel a job not yet started, and the
+        # fd with it; closing the fd here could hand its number to the next put).
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        job = self._writers.submit(self._settle, fd, tmp, qid)
+        job.add_done_callback(lambda finished: _report(loop, finished, done, qid, stored))
+        await done
         log.info("spool.stored", extra={"qid": qid, "key_id": self.keyring.active_id})
         return qid
 
@@ -340,6 +355,30 @@ def _records(directory: Path, *, any_name: bool = False) -> list[tuple[str, int]
                 if entry.is_file(follow_symlinks=False):
                     out.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
     return out
+
+
+def _report(
+    loop: asyncio.AbstractEventLoop,
+    job: Future[None],
+    done: asyncio.Future[None],
+    qid: QueueId,
+    stored: Callable[[QueueId], None] | None,
+) -> None:
+    """From the writer thread: hand the job's outcome to the loop (``SpoolStore.put``)."""
+
+    def on_loop() -> None:
+        error = job.exception()
+        if error is None and stored is not None:
+            stored(qid)
+        if done.cancelled():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+        loop.call_soon_threadsafe(on_loop)
 
 
 def _header_of(path: Path) -> RecordHeader | None:

@@ -473,7 +473,8 @@ def test_a_put_cancelled_while_its_fsync_runs_still_stores_that_record(
 ) -> None:
     """The client hangs up while its record is being fsynced: the writer thread keeps the
     descriptor until it is done, so the next put's new file can't take its number and
-    each fsync covers the file it was meant for. The cancelled record still lands."""
+    each fsync covers the file it was meant for. The cancelled record still lands, and
+    is still handed over (``stored``) to be scheduled."""
     synced: set[int] = set()
     real_fsync = os.fsync
 
@@ -485,17 +486,21 @@ def test_a_put_cancelled_while_its_fsync_runs_still_stores_that_record(
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
 
+    handed_over: list[QueueId] = []
+
     async def scenario() -> QueueId:
-        first = asyncio.create_task(store.put(ENVELOPE, b"first"))
+        first = asyncio.create_task(store.put(ENVELOPE, b"first", handed_over.append))
         await asyncio.sleep(0.05)  # it is in the writer thread now
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        return await store.put(ENVELOPE, b"second")
+        second = await store.put(ENVELOPE, b"second", handed_over.append)
+        await asyncio.sleep(0.3)  # the first record's fsync ends meanwhile
+        return second
 
     second = asyncio.run(scenario())
-    time.sleep(0.5)  # the first record's thread finishes after the loop ended
     stored = {p.stat().st_ino: p.name for p in store.msg_dir.iterdir()}
     assert len(stored) == 2
     assert second in stored.values()
     assert synced == set(stored)  # each record's own data was fsynced
+    assert sorted(handed_over) == sorted(stored.values())  # both go on to be delivered
