@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from mta.errors import ConfigError
 from mta.model import TlsLevel
-from mta.policy.local import DomainPolicy, normalise_fingerprint
+from mta.policy.local import DomainPolicy, most_specific, normalise_fingerprint
 
 ListenerMode = Literal["relay", "submission", "smtps"]
 LISTENER_MODES: Final = ("relay", "submission", "smtps")
@@ -169,24 +169,7 @@ class Config:
 
     def route_for(self, domain: str) -> Route | None:
         """The most specific route for a recipient domain: exact, then ``.parent``, then ``*``."""
-        domain = domain.lower()
-        best: Route | None = None
-        best_rank = -1
-        for route in self.routes:
-            rank = _route_rank(route.domain, domain)
-            if rank > best_rank:
-                best, best_rank = route, rank
-        return best
-
-
-def _route_rank(pattern: str, domain: str) -> int:
-    if pattern == domain:
-        return 1_000_000
-    if pattern.startswith(".") and domain.endswith(pattern):
-        return len(pattern)
-    if pattern == "*":
-        return 0
-    return -1
+        return most_specific(self.routes, lambda route: route.domain, domain)
 
 
 # --- duration, nexthop and size parsing (pure helpers, also used by the CLI) ---

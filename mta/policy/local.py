@@ -8,10 +8,10 @@ name beats a ``.parent`` entry, and among ``.parent`` entries the longest wins.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from mta.model import TlsLevel
 from mta.policy.mx import normalise_host
@@ -19,6 +19,7 @@ from mta.policy.mx import normalise_host
 if TYPE_CHECKING:
     from mta.config import Nexthop
 
+T = TypeVar("T")
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -44,14 +45,27 @@ def normalise_fingerprint(text: str) -> str:
     return f"sha256:{digits}"
 
 
+def most_specific(entries: Iterable[T], name_of: Callable[[T], str], domain: str) -> T | None:
+    """The entry named ``domain``, else the one with its longest ``.suffix``, else ``*``
+    (the rule of ``[[domain]]`` policies and of ``[[route]]``s alike)."""
+    domain = normalise_host(domain)
+    best: T | None = None
+    best_rank = -1
+    for entry in entries:
+        rank = _rank(name_of(entry), domain)
+        if rank > best_rank:
+            best, best_rank = entry, rank
+    return best
+
+
+def _rank(pattern: str, domain: str) -> int:
+    if pattern == domain:
+        return 1 << 30
+    if pattern.startswith(".") and domain.endswith(pattern):
+        return len(pattern)
+    return 0 if pattern == "*" else -1
+
+
 def find_policy(policies: Sequence[DomainPolicy], domain: str) -> DomainPolicy | None:
     """The entry for ``domain``: exact name first, else the longest matching ``.suffix``."""
-    domain = normalise_host(domain)
-    best: DomainPolicy | None = None
-    for policy in policies:
-        if policy.name == domain:
-            return policy
-        suffix = policy.name.startswith(".") and domain.endswith(policy.name)
-        if suffix and (best is None or len(policy.name) > len(best.name)):
-            best = policy
-    return best
+    return most_specific(policies, lambda policy: policy.name, domain)
