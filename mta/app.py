@@ -26,13 +26,13 @@ from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.control import process_stats, start_control
 from mta.deliver.agent import DeliveryAgent
-from mta.deliver.verify import TrustStore, load_trust_store
 from mta.errors import ConfigError, KeyFileError
 from mta.model import Envelope, QueueId
 from mta.policy.dns import AddressesFound, DnsClient, resolver_is_trusted
 from mta.policy.resolver import DestinationResolver
 from mta.policy.sts_cache import StsCache, StsResolver
 from mta.policy.sts_fetch import StsFetcher
+from mta.policy.verify import TrustStore, load_trust_store
 from mta.receive.auth import PasswordFile
 from mta.receive.server import start_listeners
 from mta.receive.tls import ensure_self_signed, server_context

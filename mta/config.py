@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from mta.errors import ConfigError
 from mta.model import TlsLevel
-from mta.policy.local import DomainPolicy, most_specific, normalise_fingerprint
+from mta.policy.local import DomainPolicy, Nexthop, most_specific, normalise_fingerprint
 
 ListenerMode = Literal["relay", "submission", "smtps"]
 LISTENER_MODES: Final = ("relay", "submission", "smtps")
@@ -102,15 +102,6 @@ class OutboundConfig:
     retry_min: float = 300.0
     retry_max: float = 4000.0
     helo_name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Nexthop:
-    """Where mail for a route goes. ``mx_lookup`` is False for ``[host]`` and IP literals."""
-
-    host: str
-    port: int | None
-    mx_lookup: bool
 
 
 @dataclass(frozen=True, slots=True)

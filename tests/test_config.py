@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mta import config
 from mta.errors import ConfigError
 from mta.model import TlsLevel
+from mta.policy.local import Nexthop
 
 ROOT = Path(__file__).parent.parent
 HOME = Path("/data")
@@ -131,7 +132,7 @@ def test_errors_are_one_line_naming_file_and_key(text: str, message: str) -> Non
     ],
 )
 def test_parse_nexthop(text: str, host: str, port: int | None, mx: bool) -> None:
-    assert config.parse_nexthop(text) == config.Nexthop(host, port, mx)
+    assert config.parse_nexthop(text) == Nexthop(host, port, mx)
 
 
 @pytest.mark.parametrize("text", ["", "[x", "host:0", "host:99999", "[a]b", "bad host"])
@@ -200,7 +201,7 @@ def test_domain_policies_from_the_file_and_its_includes(tmp_path: Path) -> None:
         TlsLevel.DANE_ONLY,
         HOME / "c.pem",
     )
-    assert first.nexthop == config.Nexthop("relay.example", 2525, False)
+    assert first.nexthop == Nexthop("relay.example", 2525, False)
     assert (second.name, second.level) == ("partner.example", TlsLevel.FINGERPRINT)
     assert second.fingerprints == ("sha256:" + "ab" * 32,)
     assert second.source == str(tmp_path / "domains" / "a.toml")

@@ -26,6 +26,7 @@ from mta.config import Config
 from mta.deliver.pool import ConnectionCache
 from mta.deliver.session import (
     HostFailed,
+    SessionCache,
     SessionOutcome,
     SessionSettings,
     Target,
@@ -129,7 +130,7 @@ class DeliveryAgent:
         self._destinations = destinations
         self._settings = session_settings(config)
         self._contexts = TlsContexts(config)
-        self._connections = ConnectionCache()
+        self._connections: SessionCache = ConnectionCache()
         self._session: SessionRunner = session or self._smtp_session
 
     async def close(self) -> None:

@@ -12,33 +12,44 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from mta.deliver.session import CacheKey, _Session
+from typing import Final, Generic, Protocol, TypeVar
 
 IDLE_TIME: Final = 2.0
 MAX_USES: Final = 100
 
 
+class Reusable(Protocol):
+    """What the cache needs of a connection: how often it was used, and how to close it."""
+
+    @property
+    def uses(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+Key = TypeVar("Key", bound=Hashable)
+Conn = TypeVar("Conn", bound=Reusable)
+
+
 @dataclass(slots=True)
-class _Idle:
-    session: _Session
+class _Idle(Generic[Conn]):
+    session: Conn
     until: float
 
 
-class ConnectionCache:
+class ConnectionCache(Generic[Key, Conn]):
     """Idle sessions by cache key, newest first; bounded in time and in reuse."""
 
     def __init__(self, idle_time: float = IDLE_TIME, max_uses: int = MAX_USES) -> None:
         self._idle_time = idle_time
         self._max_uses = max_uses
-        self._idle: dict[CacheKey, list[_Idle]] = {}
+        self._idle: dict[Key, list[_Idle[Conn]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def take(self, key: CacheKey) -> _Session | None:
+    def take(self, key: Key) -> Conn | None:
         """An idle session for ``key`` that has not outlived its idle time, if any."""
         entries = self._idle.get(key)
         now = time.monotonic()
@@ -50,7 +61,7 @@ class ConnectionCache:
         self._idle.pop(key, None)
         return None
 
-    def give(self, key: CacheKey, session: _Session) -> None:
+    def give(self, key: Key, session: Conn) -> None:
         """Keep ``session`` for reuse (or close it when it has been used enough)."""
         if session.uses >= self._max_uses:
             self._close_later(session)
@@ -76,7 +87,7 @@ class ConnectionCache:
         if self._idle:
             self._sweeper = asyncio.get_running_loop().call_later(self._idle_time, self._sweep)
 
-    def _close_later(self, session: _Session) -> None:
+    def _close_later(self, session: Conn) -> None:
         task = asyncio.get_running_loop().create_task(session.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

@@ -14,7 +14,7 @@ translated here, once, into a typed ``SessionOutcome``:
 TLS (RFC 3207): STARTTLS is required at every level but ``may``; a host that does not
 offer it fails with ``starttls-not-supported``. After the handshake, a session without
 forward secrecy is refused (``no-forward-secrecy``); then the presented chain is checked
-against the host's requirement (DANE, PKIX or pinned fingerprints, ``deliver.verify``)
+against the host's requirement (DANE, PKIX or pinned fingerprints, ``policy.verify``)
 before a single command is sent over it; then EHLO is sent again because everything
 learned before TLS is forgotten. An MTA-STS ``testing`` requirement only logs a failed
 check (``deliver.tls.report_only``) and goes on. At ``may`` a failed handshake is retried
@@ -34,24 +34,23 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 import aiosmtplib
 
+from mta.deliver.pool import ConnectionCache
 from mta.deliver.tlschain import peer_chain
 from mta.deliver.tlsclient import classify_tls_error
-from mta.deliver.verify import VerifyResult, verify_peer
 from mta.deliver.wire import data_payload
 from mta.model import Outcome, RecipientResult, TlsInfo, TlsLevel
 from mta.policy.decide import HostRequirement
+from mta.policy.verify import VerifyResult, verify_peer
 from mta.reply import SmtpReply
 from mta.tlsbase import is_forward_secret
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-if TYPE_CHECKING:
-    from mta.deliver.pool import ConnectionCache
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
@@ -157,7 +156,7 @@ async def deliver_session(
     txn: Transaction,
     settings: SessionSettings,
     context: ssl.SSLContext,
-    cache: ConnectionCache | None = None,
+    cache: SessionCache | None = None,
 ) -> SessionOutcome:
     """Send one transaction to ``target``: over a cached connection with exactly the same
     requirement if one is idle, else over a new one (at ``may``, with a plaintext retry
@@ -202,7 +201,7 @@ async def _open(
 
 
 async def _done(
-    session: _Session, outcome: SessionOutcome, cache: ConnectionCache | None, key: CacheKey
+    session: _Session, outcome: SessionOutcome, cache: SessionCache | None, key: CacheKey
 ) -> SessionOutcome:
     if cache is not None and isinstance(outcome, Transacted) and session.reusable:
         cache.give(key, session)
@@ -232,6 +231,7 @@ def _fall_back_to_plaintext(target: Target, failure: HostFailed) -> bool:
 
 
 CacheKey = tuple[str, int, str, HostRequirement, Path | None, Path | None]
+SessionCache: TypeAlias = "ConnectionCache[CacheKey, _Session]"
 
 
 def cache_key(target: Target) -> CacheKey:

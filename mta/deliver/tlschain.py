@@ -1,6 +1,6 @@
 """The certificate chain a TLS peer presented (DER, leaf first): our one reach into ``ssl``.
 
-DANE, pinning and our PKIX check (``mta.deliver.verify``) judge the chain themselves,
+DANE, pinning and our PKIX check (``mta.policy.verify``) judge the chain themselves,
 so they need every certificate the server sent, not just the leaf
 (``getpeercert(binary_form=True)``). How we get it on each Python we support:
 

@@ -4,7 +4,7 @@ Every context carries the shared floor (``mta.tlsbase.harden``: TLS >= 1.2, forw
 secret suites only, no weak keys), so a peer that cannot do forward secrecy fails the
 handshake rather than getting mail over a weaker channel. The context itself verifies
 nothing: the presented chain is checked after the handshake and before anything is sent
-(``deliver.verify``: DANE, PKIX or fingerprints, per the host's requirement), so every
+(``policy.verify``: DANE, PKIX or fingerprints, per the host's requirement), so every
 level goes through one code path and DANE gets the chain it needs. Sessions are never
 resumed (each context is used for fresh handshakes only), so a chain is always there.
 
@@ -50,7 +50,7 @@ def client_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # verified after the handshake: deliver.verify
+    context.verify_mode = ssl.CERT_NONE  # verified after the handshake: policy.verify
     context.options |= ssl.OP_NO_TICKET
     if client_cert is not None:
         try:

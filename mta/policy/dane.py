@@ -27,7 +27,7 @@ Path validation is cryptography's (``cryptography.x509.verification``), with an
 extension profile for mail rather than the CA/B Forum web profile: mail servers' and
 private CAs' certificates rarely follow the web's criticality and AKI rules, and
 those rules add no authentication. ``validate_chain`` is shared with PKIX
-(``mta.deliver.verify``), so DANE-TA and PKIX check a chain the same way.
+(``mta.policy.verify``), so DANE-TA and PKIX check a chain the same way.
 """
 
 from __future__ import annotations

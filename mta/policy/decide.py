@@ -29,13 +29,13 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mta.deliver.verify import PeerCheck, TrustStore
 from mta.errors import TlsPolicyFailure
 from mta.model import TlsLevel
 from mta.policy.dane import TlsaRecord
 from mta.policy.local import DomainPolicy
 from mta.policy.mta_sts import StsMode, StsPolicy
 from mta.policy.mx import normalise_host
+from mta.policy.verify import PeerCheck, TrustStore
 
 __all__ = [
     "HostRequirement",

@@ -11,16 +11,22 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeVar
 
 from mta.model import TlsLevel
 from mta.policy.mx import normalise_host
 
-if TYPE_CHECKING:
-    from mta.config import Nexthop
-
 T = TypeVar("T")
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Nexthop:
+    """Where mail for a route goes. ``mx_lookup`` is False for ``[host]`` and IP literals."""
+
+    host: str
+    port: int | None
+    mx_lookup: bool
 
 
 @dataclass(frozen=True, slots=True)

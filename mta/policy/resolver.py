@@ -21,8 +21,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
-from mta.config import Config, Nexthop, is_ip
-from mta.deliver.verify import TrustStore
+from mta.config import Config, is_ip
 from mta.errors import TlsPolicyFailure
 from mta.model import Outcome
 from mta.policy.decide import (
@@ -42,8 +41,9 @@ from mta.policy.dns import (
     NoDomain,
     NullMx,
 )
-from mta.policy.local import DomainPolicy, find_policy
+from mta.policy.local import DomainPolicy, Nexthop, find_policy
 from mta.policy.mx import hosts_for
+from mta.policy.verify import TrustStore
 from mta.reply import SmtpReply
 
 log = logging.getLogger(__name__)

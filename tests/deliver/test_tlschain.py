@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from mta.deliver.tlschain import peer_chain
-from mta.deliver.verify import PeerCheck, TrustStore, verify_peer
+from mta.policy.verify import PeerCheck, TrustStore, verify_peer
 from mta.tlsbase import harden
 from tests.policy.x509kit import HOST, NOW, Pki, make_pki, tlsa
 

@@ -59,7 +59,7 @@ def handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str) -> ssl.
 # --- contexts ---
 
 
-def test_the_context_keeps_the_floor_and_leaves_verification_to_deliver_verify() -> None:
+def test_the_context_keeps_the_floor_and_leaves_verification_to_policy_verify() -> None:
     context = client_context()
     assert context.verify_mode == ssl.CERT_NONE  # checked after the handshake, per host
     assert context.check_hostname is False

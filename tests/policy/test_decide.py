@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from mta.config import DEFAULT_LEVELS
-from mta.deliver.verify import PeerCheck, TrustStore
 from mta.errors import TlsPolicyFailure
 from mta.model import TlsLevel
 from mta.policy.dane import TlsaRecord
@@ -25,6 +24,7 @@ from mta.policy.decide import (
 )
 from mta.policy.local import DomainPolicy
 from mta.policy.mta_sts import StsMode, StsPolicy
+from mta.policy.verify import PeerCheck, TrustStore
 
 DOMAIN = "example.test"
 MX = "mx.example.test"  # in the MTA-STS policy below

@@ -12,15 +12,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.deliver.verify import (
+from mta.errors import ConfigError
+from mta.policy.dane import TlsaRecord
+from mta.policy.verify import (
     PeerCheck,
     TrustStore,
     load_trust_store,
     normalise_fingerprint,
     verify_peer,
 )
-from mta.errors import ConfigError
-from mta.policy.dane import TlsaRecord
 from tests.policy.x509kit import HOST, NOW, Pki, build, ec_key, make_pki, pem, spki, tlsa
 
 OTHER_HOST = "other.example.net"
