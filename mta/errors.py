@@ -34,7 +34,14 @@ class KeyFileError(MtaError):
 
 
 class SpoolError(MtaError):
-    """The spool could not store or read a message (disk full, I/O error)."""
+    """The spool could not store or read a message (an I/O error, a bad record).
+
+    ``451 4.3.0``: only a lack of space is "insufficient storage" (``SpoolFull``).
+    """
+
+
+class SpoolFull(SpoolError):
+    """The spool's file system is full or over quota (ENOSPC, EDQUOT): ``452 4.3.1``."""
 
     reply = S452_SPOOL_FULL
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from mta import durable as _files
-from mta.errors import SpoolError
+from mta.errors import SpoolError, SpoolFull
 from mta.model import Envelope, QueueId
 from mta.spool.envelope import decode_message, encode_message
 from mta.spool.keys import KeyRing
@@ -55,6 +55,7 @@ QID_LENGTH: Final = 20
 # Threads that wait for fsyncs of new messages: enough for every session of a busy
 # listener to have its fsync in flight at once.
 SPOOL_WRITERS: Final = 16
+_NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 Random = Callable[[int], bytes]
 
@@ -75,7 +76,10 @@ def _storage_errors(action: str, qid: str) -> Iterator[None]:
         # races with deliveries); anything else is the disk's, and an operator's.
         level = logging.DEBUG if isinstance(err, FileNotFoundError) else logging.ERROR
         log.log(level, "spool.io_error", extra={"action": action, "qid": qid, "error": reason})
-        raise SpoolError(f"cannot {action} {qid}: {reason}") from err
+        # Only a lack of space is "insufficient storage" (452 4.3.1); EIO and the rest
+        # are a local error (451 4.3.0), as Postfix's cleanup says.
+        error = SpoolFull if err.errno in _NO_SPACE else SpoolError
+        raise error(f"cannot {action} {qid}: {reason}") from err
 
 
 class SpoolDirectory:

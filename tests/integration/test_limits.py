@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.errors import SpoolError
+from mta.errors import SpoolFull
 from tests.integration.inbound import (
     HOST,
     PASSWORD,
@@ -151,7 +151,7 @@ def test_nothing_pipelined_after_quit_runs(relay: Relay) -> None:
 def test_our_own_trouble_is_not_the_clients_error(
     tmp_path: Path, server_tls: ssl.SSLContext, limits: str
 ) -> None:
-    full = Recorder(fail=SpoolError("disk full"))
+    full = Recorder(fail=SpoolFull("disk full"))
     with (
         Relay(make_config(tmp_path, limits=limits), full, server_tls, None) as relay,
         greeted(relay) as client,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.errors import ConfigError, SpoolError
+from mta.errors import ConfigError, SpoolFull
 from mta.receive.auth import PasswordFile
 from tests.integration.inbound import (
     HOST,
@@ -461,7 +461,7 @@ def test_dot_stuffing_undone(relay: Relay, recorder: Recorder) -> None:
 def test_spool_error_is_452(
     tmp_path: Path, server_tls: ssl.SSLContext, passwords: PasswordFile
 ) -> None:
-    failing = Recorder(fail=SpoolError("disk full"))
+    failing = Recorder(fail=SpoolFull("disk full"))
     with (
         Relay(make_config(tmp_path), failing, server_tls, passwords.authenticator) as relay,
         relay.client() as smtp,

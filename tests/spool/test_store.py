@@ -381,6 +381,28 @@ def test_failed_put_raises_and_leaves_no_file(
     assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT)
 
 
+@pytest.mark.parametrize(
+    ("code", "reply"),
+    [(errno.ENOSPC, (452, "4.3.1")), (errno.EDQUOT, (452, "4.3.1")), (errno.EIO, (451, "4.3.0"))],
+    ids=["ENOSPC", "EDQUOT", "EIO"],
+)
+def test_only_a_lack_of_space_is_insufficient_storage(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch, code: int, reply: tuple[int, str]
+) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(SpoolError, match=os.strerror(code)) as info:
+        put(store)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (info.value.reply.code, info.value.reply.enhanced) == reply
+    assert names_in(store.root / "tmp") == []
+    assert names_in(store.root / "msg") == []
+
+
 def test_failed_state_write_keeps_the_old_state(
     store: SpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
