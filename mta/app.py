@@ -17,7 +17,7 @@ import random
 import signal
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -26,7 +26,7 @@ from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.control import process_stats, start_control
 from mta.deliver.agent import DeliveryAgent
-from mta.errors import ConfigError, KeyFileError
+from mta.errors import ConfigError, KeyFileError, MtaError
 from mta.model import Envelope, QueueId
 from mta.policy.dns import AddressesFound, DnsClient, resolver_is_trusted
 from mta.policy.resolver import DestinationResolver
@@ -37,6 +37,7 @@ from mta.receive.auth import PasswordFile
 from mta.receive.server import start_listeners
 from mta.receive.tls import ensure_self_signed, server_context
 from mta.schedule.scheduler import Scheduler
+from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
 from mta.tlsbase import harden
@@ -51,13 +52,24 @@ def hostname_of(config: Config) -> str:
     return config.hostname or socket.getfqdn()
 
 
-def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
+@dataclass(frozen=True)
+class OpenedKeys:
+    """The spool keys at start: the ring, whether it was just created, and the queued
+    messages with a record under a key this spool never had (qid -> key id)."""
+
+    keyring: KeyRing
+    created: bool
+    foreign: Mapping[QueueId, str]
+
+
+def open_keyring(config: Config, spool: SpoolDirectory) -> OpenedKeys:
     """Load the spool keys, creating them only for an empty spool.
 
     A missing key file next to spooled messages is an operator error (a lost or
     unmounted key): refuse to start rather than quarantine every message. Likewise
-    when a spooled record names a key the file does not hold, or when the file holds
-    a different key under a record's key id (it opens none of that id's records).
+    when the ring fails the rule of ``keycheck`` (a lost key, a different key under a
+    record's key id). Records under a key this spool never had are for the caller to
+    quarantine; every key of the ring leaves its key check.
     """
     key_file = config.spool.key_file
     spooled = spool.queue_ids()
@@ -67,22 +79,35 @@ def open_keyring(config: Config, spool: SpoolDirectory) -> tuple[KeyRing, bool]:
                 f"{key_file}: missing, but the spool holds {len(spooled)} messages; "
                 "restore the key file (refusing to start)"
             )
-        return KeyRing.create(key_file), True
+        keyring = KeyRing.create(key_file)
+        keycheck.write_checks(spool, keyring.ids(), keyring.get)
+        return OpenedKeys(keyring, True, {})
     keyring = KeyRing.load(key_file)
-    missing = sorted(set(spool.key_references()) - set(keyring.ids()))
-    if missing:
-        raise KeyFileError(
-            f"{key_file}: spooled messages need key ids {', '.join(missing)} that it "
-            "does not hold (refusing to start; the spool is untouched)"
+    verdict = keycheck.assess(key_file, keyring.ids(), keyring.get, spool)
+    if verdict.refusal is not None:
+        raise KeyFileError(f"{verdict.refusal} (refusing to start; the spool is untouched)")
+    keycheck.write_checks(spool, verdict.unchecked, keyring.get)
+    return OpenedKeys(keyring, False, verdict.foreign)
+
+
+def reload_keyring(keyring: KeyRing, spool: SpoolDirectory) -> str:
+    """Re-read the key file for the running relay, under the start-up rule: a ring that
+    lacks a key a queued record needs is refused (the keys in use stay), so only
+    ``mta keys prune`` ever drops a key. Returns the control socket's answer."""
+    try:
+        candidate = KeyRing.load(keyring.path)
+        verdict = keycheck.assess(
+            keyring.path, candidate.ids(), candidate.get, spool, held=keyring.ids()
         )
-    wrong = spool.keys_opening_nothing(keyring.get)
-    if wrong:
-        raise KeyFileError(
-            f"{key_file}: key id {', '.join(wrong)} opens none of the spooled records "
-            "sealed under it: a different key with the same id (refusing to start; the "
-            "spool is untouched)"
-        )
-    return keyring, False
+    except MtaError as err:
+        verdict = keycheck.Verdict(str(err))
+    if verdict.refusal is not None:
+        log.error("spool.keys.reload_refused", extra={"detail": verdict.refusal})
+        return f"error {verdict.refusal} (reload refused; the relay keeps its keys)"
+    keycheck.write_checks(spool, verdict.unchecked, candidate.get)
+    keyring.adopt(candidate)
+    log.info("spool.keys.reloaded", extra={"key_id": keyring.active_id})
+    return f"ok active={keyring.active_id}"
 
 
 @dataclass
@@ -227,9 +252,12 @@ async def start(config: Config) -> Relay:
 
 async def _start(config: Config) -> Relay:
     hostname = hostname_of(config)
-    keyring, key_created = open_keyring(config, SpoolDirectory(config.spool.path))
+    keys = open_keyring(config, SpoolDirectory(config.spool.path))
+    keyring, key_created = keys.keyring, keys.created
     store = SpoolStore(config.spool.path, keyring)
     store.sweep_tmp()
+    for qid, key_id in keys.foreign.items():  # before the scheduler ever sees them
+        await store.quarantine_foreign(qid, key_id)
     tls_for, cert_created = _tls_contexts(config, hostname)
     if key_created or cert_created:
         log.info(
@@ -268,9 +296,9 @@ async def _start(config: Config) -> Relay:
     authenticator = passwords.authenticator if passwords else None
     servers = await start_listeners(config, accept, tls_for, authenticator, hostname)
 
-    def reload_keys() -> str:
-        keyring.reload()
-        return f"ok active={keyring.active_id}"
+    async def rewrap() -> str:
+        done = await store.rewrap()
+        return f"ok rewrapped={done.rewrapped} failed={done.failed}"
 
     def stats() -> str:
         figures = {
@@ -284,7 +312,9 @@ async def _start(config: Config) -> Relay:
         config.control_socket,
         {
             "flush": lambda: f"ok {scheduler.flush()}",
-            "reload-keys": reload_keys,
+            # Off the loop: it reads every queued record's header.
+            "reload-keys": lambda: asyncio.to_thread(reload_keyring, keyring, store),
+            "rewrap": rewrap,
             "ping": lambda: "ok",
             "stats": stats,
         },

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,11 +23,14 @@ from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
 from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
 from mta.receive.auth import add_user
+from mta.spool import keycheck
 from mta.spool.keys import KeyRing
+from mta.spool.store import SpoolDirectory, SpoolStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+REWRAP_WAIT = 3600.0  # seconds for a running relay to re-wrap its whole spool
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -101,17 +105,62 @@ def _reload_keys(cfg: config.Config) -> bool:
     return True
 
 
+def _rewrap(cfg: config.Config) -> bool:
+    """Re-seal the spool's records under the active key: the running relay does it (it
+    knows which records are being delivered), else we do, holding the spool's lock."""
+    answer = control.ask(cfg.control_socket, "rewrap", timeout=REWRAP_WAIT)
+    if answer is None:
+        spool = SpoolDirectory(cfg.spool.path)
+        if not spool.root.is_dir():
+            print("relay not running; the spool is empty")
+            return True
+        lock = spool.lock()  # SpoolError (one line) if a relay has just started
+        try:
+            store = SpoolStore(cfg.spool.path, KeyRing.load(cfg.spool.key_file))
+            done = asyncio.run(store.rewrap())
+        finally:
+            os.close(lock)
+        answer = f"ok rewrapped={done.rewrapped} failed={done.failed}"
+        print("relay not running; re-wrapped in place")
+    if not answer.startswith("ok"):
+        print(f"mta: relay answered: {answer}", file=sys.stderr)
+        return False
+    figures = dict(item.split("=", 1) for item in answer.split()[1:])
+    print(f"re-wrapped {figures.get('rewrapped', '?')} record(s) under the active key")
+    if figures.get("failed", "0") != "0":
+        print(
+            f"mta: {figures['failed']} record(s) did not open and were left as they are "
+            "(their messages are quarantined when next read)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keyring = KeyRing.load(cfg.spool.key_file)
+    spool = SpoolDirectory(cfg.spool.path)
     if args.action == "rotate":
+        # The start-up rule first: a key file that has lost a key the spool needs is
+        # not built on (``mta keys prune`` is the only way to drop a key).
+        verdict = keycheck.assess(keyring.path, keyring.ids(), keyring.get, spool)
+        if verdict.refusal is not None:
+            print(f"mta: {verdict.refusal} (not rotated; restore it)", file=sys.stderr)
+            return EXIT_FAILURE
         new_id = keyring.rotate()
+        keycheck.write_checks(spool, [new_id], keyring.get)
         print(f"new active key {new_id} in {cfg.spool.key_file}")
         if not _reload_keys(cfg):
             return EXIT_FAILURE
+    wants_rewrap = args.action == "rewrap" or (args.action == "rotate" and args.rewrap)
+    if wants_rewrap and not _rewrap(cfg):
+        return EXIT_FAILURE
     references = key_usage(cfg)
     if args.action == "prune":
         dropped = keyring.prune(set(references))
+        for key_id in dropped:
+            keycheck.remove_check(spool, key_id)
         print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
         if dropped and not _reload_keys(cfg):
             return EXIT_FAILURE
@@ -211,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
 
     keys = with_config(sub.add_parser("keys", help="spool key management"))
-    keys.add_argument("action", choices=["list", "rotate", "prune"])
+    keys.add_argument("action", choices=["list", "rotate", "rewrap", "prune"])
+    keys.add_argument(
+        "--rewrap", action="store_true", help="rotate: then re-seal older records under the new key"
+    )
     keys.set_defaults(func=cmd_keys)
 
     passwd = with_config(sub.add_parser("passwd", help="add or change an AUTH user"))

@@ -41,10 +41,13 @@ def create_written(path: Path, data: bytes) -> int:
     return fd
 
 
-def write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+def write_new(path: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it (with its
+    modification time set to ``mtime_ns`` first, when given)."""
     fd = create_written(path, data)
     try:
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -59,25 +62,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def place(tmp: Path, final: Path, data: bytes) -> None:
+def place(tmp: Path, final: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
     """Write ``data`` to the new file ``tmp`` (fsynced), then atomically rename it to
     ``final``. On failure ``tmp`` is removed. The new name is durable only once the
     directory is fsynced (``fsync_dir``), as ``replace_durably`` does."""
     try:
-        write_new(tmp, data)
+        write_new(tmp, data, mtime_ns=mtime_ns)
         os.replace(tmp, final)
     except BaseException:
         unlink_quietly(tmp)
         raise
 
 
-def replace_durably(tmp: Path, final: Path, data: bytes) -> None:
+def replace_durably(tmp: Path, final: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
     """``place`` then fsync the directory: ``final`` now survives a crash.
 
     If only the directory fsync fails, ``final`` is in place but may not survive a
     crash; the caller decides what to do about it.
     """
-    place(tmp, final, data)
+    place(tmp, final, data, mtime_ns=mtime_ns)
     fsync_dir(final.parent)
 
 

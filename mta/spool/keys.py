@@ -5,7 +5,9 @@ The file (``spool.key_file``) holds text lines ``<key id> <base64 of 32 bytes>``
 older keys stay to open older records until ``prune`` finds them unreferenced.
 Like OpenSSH with private keys, the file is refused (``KeyFileError`` naming the file
 and the problem) when it is a symbolic link, not a regular file, not owned by us or
-root, or readable or writable by group or others. Every rewrite is atomic and durable
+root, or readable or writable by group or others; and so is the file when its
+directory is a symbolic link, is not owned by us or root, or is writable by group or
+others (whoever can write there can swap the file). Every rewrite is atomic and durable
 (temp file, fsync, rename, directory fsync), so a crash leaves the old or the new
 key set, never a mix. Key material never appears in errors or logs.
 """
@@ -16,6 +18,7 @@ import base64
 import binascii
 import logging
 import os
+import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final
@@ -70,10 +73,16 @@ class KeyRing:
         keys = {_new_id(random, ()): _new_key(random)}
         if not path.parent.exists():
             path.parent.mkdir(mode=_files.DIR_MODE, parents=True)
+        _check_directory(path)
         _files.write_new(path, _format(keys).encode("ascii"))
         _files.fsync_dir(path.parent)
         log.debug("spool.keys.created", extra={"key_file": str(path)})  # app logs mta.init
         return cls(path, keys, random=random)
+
+    @property
+    def path(self) -> Path:
+        """The key file."""
+        return self._path
 
     @property
     def active_id(self) -> str:
@@ -91,6 +100,10 @@ class KeyRing:
     def reload(self) -> None:
         """Re-read the key file (it may have been rotated or pruned by another process)."""
         self._keys = _load(self._path)
+
+    def adopt(self, other: KeyRing) -> None:
+        """Take the keys of ``other`` (a fresh ``load`` of the file, judged fit to use)."""
+        self._keys = dict(other._keys)
 
     def rotate(self) -> str:
         """Add a fresh key and make it active; older keys stay. Returns the new id."""
@@ -145,8 +158,34 @@ def _load(path: Path) -> dict[str, bytes]:
     return _parse(path, _read_private(path))
 
 
+def _check_directory(path: Path) -> None:
+    """Refuse the key file's directory when someone else could swap the file in it."""
+    directory = path.parent
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return  # the file is missing too; reading it says so
+    except OSError as err:
+        raise KeyFileError(f"{directory}: key directory: cannot inspect: {err.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise KeyFileError(f"{directory}: key directory is a symbolic link; refusing to use it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise KeyFileError(f"{directory}: key directory is not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise KeyFileError(
+            f"{directory}: key directory is owned by uid {info.st_uid}, not by us or root"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        raise KeyFileError(
+            f"{directory}: key directory mode {mode:04o} lets group or others replace the key "
+            f"file; run chmod 700 {directory}"
+        )
+
+
 def _read_private(path: Path) -> str:
     """The text of the key file, after checking that nobody else could read or change it."""
+    _check_directory(path)
     try:
         data = _files.read_private(path, MAX_KEY_FILE_SIZE)
     except _files.NotPrivate as err:

@@ -6,7 +6,7 @@ as in age's payload and Tink's streaming AEAD), so that a reader can hand on eac
 chunk as soon as it is authenticated, and a truncated, reordered or spliced record
 fails instead of yielding a shorter message. All integers are big-endian::
 
-    header = "MTA1" | version u8 (1) | kind u8 (1 message, 2 state)
+    header = "MTA1" | version u8 (1) | kind u8 (1 message, 2 state, 3 key check)
              | u8 length | key id (ascii) | u8 length | qid (ascii)
              | nonce prefix (7) | wrap nonce (12) | wrapped data key (48)
     body   = chunk+, each AES-256-GCM(data key, nonce, plaintext, aad = header)
@@ -58,10 +58,12 @@ _CHUNK_NONCE: Final = struct.Struct(">IB")
 
 
 class RecordKind(enum.IntEnum):
-    """What a record holds: a queued message, or the delivery state of one."""
+    """What a record holds: a queued message, the delivery state of one, or a known
+    plaintext that tells whether a key is the one the spool was sealed under."""
 
     MESSAGE = 1
     STATE = 2
+    KEY_CHECK = 3
 
 
 class RecordError(SpoolCorrupt):

@@ -15,6 +15,14 @@ Layout (directories 0700, files 0600)::
     root/state/<qid>                   sealed delivery state (kind 2), once written
     root/tmp/<qid>[.<random>]          being written; removed by ``sweep_tmp`` at start
     root/quarantine/<qid>.msg|.state   records that failed to open
+    root/keys/<key id>                 key check (kind 3): known plaintext sealed under
+                                       each key this spool has had (``keycheck``)
+
+``rewrap`` re-seals the records still under an older key under the active one, one
+file at a time (temp file, fsync, rename, fsync of the directory): after a crash each
+record is the old one or the new one, both readable while the older key is kept.
+Within the relay it holds the queue id's lock, as ``write_state``, ``remove`` and
+``quarantine`` do, so it never writes back a state or a message from before them.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -95,10 +104,12 @@ class SpoolDirectory:
         self.state_dir = root / "state"
         self.tmp_dir = root / "tmp"
         self.quarantine_dir = root / "quarantine"
+        self.check_dir = root / "keys"
 
     def ensure_dirs(self) -> None:
         """Create the spool directories (0700), tightening them if they exist."""
-        for path in (self.root, self.msg_dir, self.state_dir, self.tmp_dir, self.quarantine_dir):
+        dirs = (self.msg_dir, self.state_dir, self.tmp_dir, self.quarantine_dir, self.check_dir)
+        for path in (self.root, *dirs):
             path.mkdir(mode=_files.DIR_MODE, parents=True, exist_ok=True)
             os.chmod(path, _files.DIR_MODE)
 
@@ -135,14 +146,24 @@ class SpoolDirectory:
                     counts[key_id] = counts.get(key_id, 0) + 1
         return counts
 
-    def keys_opening_nothing(self, keys: Callable[[str], bytes | None]) -> list[str]:
-        """Key ids under which queued records are sealed but whose key (``keys``) opens
-        none of them: the key file holds a different key under that id.
+    def queued_references(self) -> dict[str, list[QueueId]]:
+        """Key id -> the queue id of each queued record (``msg/``, ``state/``) sealed
+        under it: a qid appears twice when its message and its state are. Quarantined
+        records are left out: quarantine is outside the queue and never stops the relay.
+        Headers only; errors as ``key_references``."""
+        found: dict[str, list[QueueId]] = {}
+        for directory in (self.msg_dir, self.state_dir):
+            for name, _ in _records(directory):
+                key_id = _key_id_of(directory / name)
+                if key_id is not None:
+                    found.setdefault(key_id, []).append(QueueId(name))
+        return found
+
+    def key_trials(self, keys: Callable[[str], bytes | None]) -> tuple[set[str], set[str]]:
+        """(ids whose key opens at least one queued record, ids whose key failed one).
 
         Reads headers only (``msg/`` and ``state/``) and tries each record's wrapped data
-        key until one opens. A key that opens some of its records is the right one; the
-        others are corrupt and are quarantined when read. Ids ``keys`` lacks are left out
-        (``key_references`` finds those).
+        key until one opens. Ids ``keys`` lacks are in neither set.
         """
         opened: set[str] = set()
         failed: set[str] = set()
@@ -160,6 +181,16 @@ class SpoolDirectory:
                     failed.add(header.key_id)
                 else:
                     opened.add(header.key_id)
+        return opened, failed
+
+    def keys_opening_nothing(self, keys: Callable[[str], bytes | None]) -> list[str]:
+        """Key ids under which queued records are sealed but whose key (``keys``) opens
+        none of them: the key file holds a different key under that id.
+
+        A key that opens some of its records is the right one; the others are corrupt
+        and are quarantined when read. Ids ``keys`` lacks are left out.
+        """
+        opened, failed = self.key_trials(keys)
         return sorted(failed - opened)
 
     def sweep_tmp(self) -> None:
@@ -197,6 +228,7 @@ class SpoolStore(SpoolDirectory):
         self._random = random
         self._new_qid = new_qid or (lambda: random_qid(random))
         self._writers = ThreadPoolExecutor(SPOOL_WRITERS, thread_name_prefix="spool-write")
+        self._locks = _QidLocks()
 
     # --- messages ---
 
@@ -260,7 +292,8 @@ class SpoolStore(SpoolDirectory):
 
     async def write_state(self, qid: QueueId, payload: bytes) -> None:
         """Replace the delivery state of ``qid`` atomically and durably."""
-        await asyncio.to_thread(self._write_state, qid, payload)
+        async with self._locks.hold(qid):
+            await asyncio.to_thread(self._write_state, qid, payload)
 
     def _write_state(self, qid: QueueId, payload: bytes) -> None:
         _check_qid(qid)
@@ -286,7 +319,8 @@ class SpoolStore(SpoolDirectory):
     async def remove(self, qid: QueueId) -> None:
         """Delete a finished message and its state (the message first: an orphan state
         is harmless and swept at start, an orphan message would be delivered again)."""
-        await asyncio.to_thread(self._remove, qid)
+        async with self._locks.hold(qid):
+            await asyncio.to_thread(self._remove, qid)
 
     def _remove(self, qid: QueueId) -> None:
         _check_qid(qid)
@@ -302,8 +336,19 @@ class SpoolStore(SpoolDirectory):
 
         ``reason`` is logged; it must not hold message content.
         """
-        await asyncio.to_thread(self._quarantine, qid)
+        async with self._locks.hold(qid):
+            await asyncio.to_thread(self._quarantine, qid)
         log.warning("spool.quarantined", extra={"qid": qid, "reason": reason})
+
+    async def quarantine_foreign(self, qid: QueueId, key_id: str) -> None:
+        """Quarantine a message with a record sealed under ``key_id``, a key this spool
+        never had (copied from another relay, a flipped bit): the one alert for it."""
+        async with self._locks.hold(qid):
+            await asyncio.to_thread(self._quarantine, qid)
+        log.error(
+            "spool.foreign_record",
+            extra={"qid": qid, "key_id": key_id, "action": "quarantined"},
+        )
 
     def _quarantine(self, qid: QueueId) -> None:
         _check_qid(qid)
@@ -315,6 +360,54 @@ class SpoolStore(SpoolDirectory):
             _files.fsync_dir(self.quarantine_dir)
             for directory, _ in moves:
                 _files.fsync_dir(directory)
+
+    # --- re-wrap ---
+
+    async def rewrap(self) -> RewrapResult:
+        """Re-seal every queued record still under an older key under the active one,
+        so the older keys can be pruned. The queue id, the payload (delivery state
+        included) and the file's time stay as they were; a record that does not open
+        is left alone (its message is quarantined when it is next read)."""
+        active = self.keyring.active_id
+        rewrapped = failed = 0
+        for qid in self.queue_ids():
+            async with self._locks.hold(qid):
+                done, bad = await asyncio.to_thread(self._rewrap, qid, active)
+            rewrapped += done
+            failed += bad
+        log.info(
+            "spool.rewrapped", extra={"key_id": active, "records": rewrapped, "failed": failed}
+        )
+        return RewrapResult(rewrapped, failed)
+
+    def _rewrap(self, qid: QueueId, active: str) -> tuple[int, int]:
+        done = failed = 0
+        for directory, kind in (
+            (self.msg_dir, RecordKind.MESSAGE),
+            (self.state_dir, RecordKind.STATE),
+        ):
+            path = directory / qid
+            header = _header_of(path)
+            if header is None or header.key_id == active:
+                continue  # gone (delivered), not a record (read will say), or done
+            with _storage_errors("re-wrap", qid):
+                try:
+                    info = os.stat(path, follow_symlinks=False)
+                    data = _files.read_file(path)
+                except FileNotFoundError:
+                    continue
+            try:
+                payload = self._unseal(kind, qid, data)
+            except RecordError:
+                failed += 1
+                continue
+            record = self._seal(kind, qid, payload)
+            tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
+            with _storage_errors("re-wrap", qid):
+                _files.replace_durably(tmp, path, record, mtime_ns=info.st_mtime_ns)
+            log.debug("spool.rewrapped_record", extra={"qid": qid, "kind": kind.name.lower()})
+            done += 1
+        return done, failed
 
     # --- helpers ---
 
@@ -334,6 +427,36 @@ class SpoolStore(SpoolDirectory):
     def _write(self, qid: QueueId, final: Path, record: bytes) -> None:
         tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
         _files.replace_durably(tmp, final, record)
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapResult:
+    """What ``rewrap`` did: records re-sealed, and records it could not open."""
+
+    rewrapped: int
+    failed: int
+
+
+class _QidLocks:
+    """One asyncio lock per queue id, kept only while someone holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, qid: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(qid, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[qid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[qid]
+            if users == 1:
+                del self._locks[qid]
+            else:
+                self._locks[qid] = (lock, users - 1)
 
 
 def _check_qid(qid: str) -> None:
