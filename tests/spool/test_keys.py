@@ -92,6 +92,56 @@ def test_loose_or_odd_modes(tmp_path: Path, mode: int) -> None:
         assert KeyRing.load(path).ids() == ["k1"]
 
 
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o755, 0o770, 0o777, 0o1777, 0o730, 0o702])
+def test_a_directory_others_can_write_in_is_refused(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "keys"
+    directory.mkdir()
+    path = write_key_file(directory / "spool.key", f"k1 {KEY_A}\n")
+    directory.chmod(mode)
+    if mode & 0o022:
+        problem = f"{directory}: key directory mode {mode:04o} lets group or others replace"
+        with pytest.raises(KeyFileError, match=re.escape(problem)) as info:
+            KeyRing.load(path)
+        assert "\n" not in str(info.value)
+        with pytest.raises(KeyFileError, match=re.escape(problem)):
+            KeyRing.create(directory / "new.key")
+    else:
+        assert KeyRing.load(path).ids() == ["k1"]
+
+
+def test_a_directory_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    write_key_file(real / "spool.key", f"k1 {KEY_A}\n")
+    link = tmp_path / "keys"
+    link.symlink_to(real)
+    with pytest.raises(KeyFileError, match=re.escape(f"{link}: key directory is a symbolic link")):
+        KeyRing.load(link / "spool.key")
+
+
+def test_a_directory_owned_by_someone_else_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "keys"
+    directory.mkdir(mode=0o700)
+    path = write_key_file(directory / "spool.key", f"k1 {KEY_A}\n")
+    real_lstat = os.lstat
+
+    def lstat(target: os.PathLike[str] | str) -> os.stat_result:
+        info = real_lstat(target)
+        if Path(target) != directory:
+            return info
+        fields = list(info)
+        fields[stat.ST_UID] = 4242
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(
+        KeyFileError, match=re.escape(f"{directory}: key directory is owned by uid 4242")
+    ):
+        KeyRing.load(path)
+
+
 def test_directory_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "dir.key"
     path.mkdir(mode=0o700)

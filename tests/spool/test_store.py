@@ -526,3 +526,123 @@ def test_a_put_cancelled_while_its_fsync_runs_still_stores_that_record(
     assert second in stored.values()
     assert synced == set(stored)  # each record's own data was fsynced
     assert sorted(handed_over) == sorted(stored.values())  # both go on to be delivered
+
+
+# --- re-wrap ---
+
+
+def header_keys(store: SpoolStore) -> dict[str, str]:
+    return {
+        f"{directory.name}/{path.name}": read_header(path.read_bytes()).key_id
+        for directory in (store.msg_dir, store.state_dir)
+        for path in sorted(directory.iterdir())
+    }
+
+
+def test_rewrap_reseals_under_the_active_key_keeping_qid_state_and_time(
+    store: SpoolStore, keyring: KeyRing
+) -> None:
+    qids = [put(store, content=CONTENT + bytes([n])) for n in range(3)]
+    for qid in qids[:2]:
+        asyncio.run(store.write_state(qid, f"state of {qid}".encode()))
+    old = keyring.active_id
+    times = {p.name: p.stat().st_mtime_ns for p in store.msg_dir.iterdir()}
+    new = keyring.rotate()
+    fresh = put(store)  # already under the new key: left alone
+    done = asyncio.run(store.rewrap())
+    assert (done.rewrapped, done.failed) == (5, 0)
+    assert set(header_keys(store).values()) == {new}
+    assert store.queue_ids()[:3] == qids  # same ids, same order (file times kept)
+    assert {q: store.msg_dir.joinpath(q).stat().st_mtime_ns for q in qids} == times
+    for n, qid in enumerate(qids):
+        assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT + bytes([n]))
+    assert [asyncio.run(store.read_state(q)) for q in qids] == [
+        f"state of {qids[0]}".encode(),
+        f"state of {qids[1]}".encode(),
+        None,
+    ]
+    assert asyncio.run(store.read(fresh)) == (ENVELOPE, CONTENT)
+    assert names_in(store.tmp_dir) == []
+    assert keyring.prune(store.key_references()) == [old]
+    assert asyncio.run(store.rewrap()) == type(done)(0, 0)
+
+
+def test_a_crash_in_the_middle_of_rewrap_loses_nothing(
+    store: SpoolStore, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qids = [put(store, content=CONTENT + bytes([n])) for n in range(4)]
+    for qid in qids:
+        asyncio.run(store.write_state(qid, qid.encode()))
+    old = keyring.active_id
+    new = keyring.rotate()
+    real_replace = os.replace
+    calls = 0
+
+    class Killed(BaseException):
+        """The process dies here: nothing after this line runs."""
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the fifth record: its temp file is written and fsynced
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        asyncio.run(store.rewrap())
+    monkeypatch.undo()
+    # Each record is the old one or the new one, and every one opens.
+    assert sorted(header_keys(store).values()) == sorted([new] * 4 + [old] * 4)
+    for n, qid in enumerate(qids):
+        assert asyncio.run(store.read(qid)) == (ENVELOPE, CONTENT + bytes([n]))
+        assert asyncio.run(store.read_state(qid)) == qid.encode()
+    store.sweep_tmp()  # what the next start does
+    assert names_in(store.tmp_dir) == []
+    assert asyncio.run(store.rewrap()).rewrapped == 4
+    assert keyring.prune(store.key_references()) == [old]
+    for qid in qids:
+        assert asyncio.run(store.read_state(qid)) == qid.encode()
+
+
+def test_rewrap_never_writes_back_a_state_or_message_from_before(
+    store: SpoolStore, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state written, or a message removed, while re-wrap has read the old record
+    stays written or removed: re-wrap holds the queue id as the scheduler's writes do."""
+    first, second = put(store), put(store)
+    for qid in (first, second):
+        asyncio.run(store.write_state(qid, b"old"))
+    keyring.rotate()
+    real_unseal = store._unseal
+    reading = {
+        (first, RecordKind.STATE): threading.Event(),
+        (second, RecordKind.MESSAGE): threading.Event(),
+    }
+
+    def slow_unseal(kind: RecordKind, qid: QueueId, data: bytes) -> bytes:
+        if (qid, kind) in reading:
+            reading[qid, kind].set()
+            time.sleep(0.3)  # the window in which the scheduler acts
+        return real_unseal(kind, qid, data)
+
+    monkeypatch.setattr(store, "_unseal", slow_unseal)
+
+    async def when_reading(qid: QueueId, kind: RecordKind) -> None:
+        while not reading[qid, kind].is_set():
+            await asyncio.sleep(0.005)
+
+    async def scheduler() -> None:
+        await when_reading(first, RecordKind.STATE)
+        await store.write_state(first, b"new")
+        await when_reading(second, RecordKind.MESSAGE)
+        await store.remove(second)
+
+    async def race() -> None:
+        await asyncio.wait_for(asyncio.gather(store.rewrap(), scheduler()), 10)
+
+    asyncio.run(race())
+    monkeypatch.undo()
+    assert asyncio.run(store.read_state(first)) == b"new"
+    assert store.queue_ids() == [first]
+    assert names_in(store.state_dir) == [first]
