@@ -14,14 +14,16 @@ import gc
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
+from mta import fdbudget
 from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.control import process_stats, start_control
@@ -29,6 +31,7 @@ from mta.deliver.agent import DeliveryAgent
 from mta.errors import ConfigError, KeyFileError, MtaError
 from mta.model import Envelope, QueueId
 from mta.policy.dns import AddressesFound, DnsClient, resolver_is_trusted
+from mta.policy.dnssec_probe import DnssecProbe
 from mta.policy.resolver import DestinationResolver
 from mta.policy.sts_cache import StsCache, StsResolver
 from mta.policy.sts_fetch import StsFetcher
@@ -116,6 +119,7 @@ class Destinations:
 
     resolver: DestinationResolver
     sts: StsResolver | None
+    dnssec: DnssecProbe | None = None  # None: DANE is off, nothing to probe
 
 
 def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
@@ -142,6 +146,7 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
 
     Says once, at WARNING, when DANE cannot be trusted (the resolver is neither on
     loopback nor marked ``dns.trusted``): DNSSEC status is then never believed.
+    Otherwise the resolver's validation is probed (``dns.dnssec_probe``, ``dnssec``).
     """
     dns = DnsClient(config.dns.resolvers, config.dns.timeout)
     dane_trusted = resolver_is_trusted(dns.resolvers, config.dns.trusted)
@@ -153,6 +158,10 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
                 "DANE is off (run a validating resolver such as unbound on 127.0.0.1)"
             },
         )
+    dnssec: DnssecProbe | None = None
+    if config.dane.enabled and dane_trusted:  # is the AD bit worth anything? (issue 8 §2)
+        names = ", ".join(f"{r.host}:{r.port}" for r in dns.resolvers)
+        dnssec = DnssecProbe(dns, config.dns.dnssec_probe, names, clock)
     extra = [config.tls.ca_file] if config.tls.ca_file else []
     trust = _trust_store(extra, system=True, key="tls.ca_file")
     domain_trust = {
@@ -182,8 +191,9 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
         domain_trust=domain_trust,
         dane_trusted=dane_trusted,
         rand=random.Random(),  # noqa: S311 - MX tie-break, not crypto
+        dnssec=dnssec,
     )
-    return Destinations(resolver, sts)
+    return Destinations(resolver, sts, dnssec)
 
 
 @dataclass
@@ -250,7 +260,42 @@ async def start(config: Config) -> Relay:
     return relay
 
 
+def fit_descriptors(config: Config) -> Config:
+    """``config`` with its connection caps fitted to RLIMIT_NOFILE (``fdbudget``): the
+    soft limit is raised towards the hard one if need be, and what still does not fit
+    is clamped, said in one line, so the control socket always has descriptors left."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inbound, outbound = config.limits.connections, config.outbound.max_connections
+    want = fdbudget.soft_limit(soft, hard, fdbudget.needed(inbound, outbound))
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("mta.nofile_raised", extra={"soft": want, "was": soft, "hard": hard})
+            soft = want
+    try:
+        budget = fdbudget.fit(soft, inbound, outbound)
+    except ValueError as err:
+        raise ConfigError(config.source, "limits.connections", str(err)) from None
+    if (budget.connections, budget.deliveries) == (inbound, outbound):
+        return config
+    log.warning(
+        "mta.connections_clamped",
+        extra={
+            "nofile": soft,
+            "connections": f"{inbound}->{budget.connections}",
+            "max_connections": f"{outbound}->{budget.deliveries}",
+            "reserve": fdbudget.RESERVE,
+        },
+    )
+    return replace(
+        config,
+        limits=replace(config.limits, connections=budget.connections),
+        outbound=replace(config.outbound, max_connections=budget.deliveries),
+    )
+
+
 async def _start(config: Config) -> Relay:
+    config = fit_descriptors(config)
     hostname = hostname_of(config)
     keys = open_keyring(config, SpoolDirectory(config.spool.path))
     keyring, key_created = keys.keyring, keys.created
@@ -293,6 +338,8 @@ async def _start(config: Config) -> Relay:
     if destinations.sts is not None:
         refresher = destinations.sts.run_refresher(config.mta_sts.refresh_interval)
         tasks.append(asyncio.create_task(refresher, name="mta-sts-refresher"))
+    if destinations.dnssec is not None:
+        tasks.append(asyncio.create_task(destinations.dnssec.run(), name="dnssec-probe"))
     authenticator = passwords.authenticator if passwords else None
     servers = await start_listeners(config, accept, tls_for, authenticator, hostname)
 

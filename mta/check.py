@@ -26,6 +26,7 @@ from mta.deliver.agent import (
 from mta.deliver.session import HostFailed, Probed, probe_session
 from mta.model import Outcome
 from mta.policy.decide import PolicySource
+from mta.policy.dnssec import DnssecStatus
 from mta.policy.resolver import DestinationResolver, DomainPlan, HostPlan
 from mta.tlsbase import is_forward_secret
 
@@ -105,6 +106,23 @@ def _sts_doc(plan: DomainPlan) -> dict[str, Any]:
     return doc
 
 
+def _dnssec_doc(plan: DomainPlan, status: DnssecStatus, *, dane: bool) -> dict[str, Any]:
+    """The MX RRset's DNSSEC status and whether the resolver validates at all (its probe):
+    with a resolver that fails the probe nothing is "insecure", it is "unverifiable"."""
+    mx: str | None = None
+    if plan.mx_lookup:
+        mx = "secure" if plan.mx_secure else "insecure" if status.ok else "unverifiable"
+    return {
+        "mx": mx,
+        "validation": status.state if dane else "not-used",
+        "probe": status.probe or None,
+        "resolver": status.resolver or None,
+        "detail": status.detail or None,
+        "last_checked": status.last_checked,
+        "failures": status.failures,
+    }
+
+
 def _host_doc(host: HostPlan) -> dict[str, Any]:
     requirement = host.requirement
     return {
@@ -167,6 +185,7 @@ async def check_domain(
     domain = domain.lower().rstrip(".")
     plan = await destinations.domain(domain)
     hosts = [await destinations.host(plan, name) for name in plan.hosts]
+    dnssec = await destinations.dnssec_status()
     report = Report()
     report.doc = {
         "domain": domain,
@@ -174,7 +193,7 @@ async def check_domain(
         "mta_sts": _sts_doc(plan),
         "nexthop": plan.nexthop,
         "port": plan.port,
-        "dnssec": {"mx": ("secure" if plan.mx_secure else "insecure") if plan.mx_lookup else None},
+        "dnssec": _dnssec_doc(plan, dnssec, dane=destinations.dane),
         "mx": [_host_doc(h) for h in hosts],
         "refused_by_mta_sts": list(plan.refused),
         "terminal": None
@@ -235,6 +254,9 @@ def render_text(report: Report) -> str:
         f"next hop      {doc['nexthop']} port {doc['port']}"
         + (f", MX RRset {doc['dnssec']['mx']}" if doc["dnssec"]["mx"] else ""),
     ]
+    dnssec_line = _dnssec_line(doc["dnssec"])
+    if dnssec_line:
+        lines.append(dnssec_line)
     sts = doc["mta_sts"]
     sts_line = f"mta-sts       {sts['state']}"
     if "mode" in sts:
@@ -271,6 +293,21 @@ def render_text(report: Report) -> str:
         )
         lines.append(f"              {doc['detail']}")
     return "\n".join(lines)
+
+
+def _dnssec_line(dnssec: dict[str, Any]) -> str | None:
+    """Whether the resolver validates: the DNSSEC probe's verdict, in words."""
+    state = dnssec["validation"]
+    if state == "unverifiable":
+        return (
+            f"dnssec        DNSSEC unverifiable: resolver {dnssec['resolver']} fails the probe "
+            f"{dnssec['probe']} ({dnssec['detail']}); DANE cannot be checked"
+        )
+    if state == "validating":
+        return f"dnssec        validating (probe {dnssec['probe']} via {dnssec['resolver']})"
+    if state == "not-probed":
+        return "dnssec        not probed (dns.dnssec_probe is off): the AD bit is believed"
+    return None
 
 
 def _probe_line(probe: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from mta.errors import ConfigError
 from mta.model import TlsLevel
+from mta.policy.dnssec import ROOT_NS, ProbeSpec, parse_probe
 from mta.policy.local import DomainPolicy, Nexthop, most_specific, normalise_fingerprint
 
 ListenerMode = Literal["relay", "submission", "smtps"]
@@ -70,6 +71,8 @@ class DnsConfig:
     resolvers: tuple[Resolver, ...] = ()
     timeout: float = 10.0
     trusted: bool = False  # trust the AD bit of a resolver that is not on loopback
+    # the question that must validate (Postfix's dnssec_probe); None: never probe
+    dnssec_probe: ProbeSpec | None = ROOT_NS
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +464,7 @@ def validate(
         _list_of(dns_t, "resolvers", parse_resolver),
         _duration(dns_t, "timeout", 10.0),
         dns_t.get("trusted", bool, False),
+        dns_t.convert("dnssec_probe", str, ROOT_NS, parse_probe),
     )
     dns_t.done()
 

@@ -107,8 +107,11 @@ async def _ask(path: Path, command: str, wait: float) -> str:
 
 
 def ask(path: Path, command: str, timeout: float = 10.0) -> str | None:
-    """Send one command to a running relay; ``None`` when no relay is listening."""
+    """Send one command to a running relay; ``None`` when no relay is listening, an
+    ``error ...`` answer when one took the connection and dropped it unanswered."""
     try:
         return asyncio.run(_ask(path, command, timeout))
     except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
         return None
+    except (ConnectionError, OSError) as err:
+        return f"error the relay dropped the connection unanswered ({err.strerror or err})"

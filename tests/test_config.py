@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mta import config
 from mta.errors import ConfigError
 from mta.model import TlsLevel
+from mta.policy.dnssec import ProbeSpec
 from mta.policy.local import Nexthop
 
 ROOT = Path(__file__).parent.parent
@@ -237,6 +238,9 @@ def test_domain_policies_from_the_file_and_its_includes(tmp_path: Path) -> None:
         ),
         ('include = ["a.toml"]', "include: only a policy file on disk"),
         ("[dns]\ntrusted = 1", "dns.trusted: expected true or false"),
+        ('[dns]\ndnssec_probe = "ns"', "test.toml: dns.dnssec_probe: expected type:name"),
+        ('[dns]\ndnssec_probe = "nope:."', "dns.dnssec_probe: unknown DNS record type"),
+        ('[dns]\ndnssec_probe = "any:."', "dns.dnssec_probe: 'any' is not a record type"),
         ("[mta_sts]\nport = 0", "mta_sts.port: expected a port"),
     ],
 )
@@ -301,3 +305,15 @@ def test_listener_client_certificates() -> None:
         ConfigError, match=r"listener\[0\]\.require_client_cert: needs tls_client_ca"
     ):
         parse("[[listener]]\nrequire_client_cert = true\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "probe"),
+    [
+        ("", ProbeSpec("NS", ".")),  # Postfix's dnssec_probe default: the root's NS RRset
+        ('[dns]\ndnssec_probe = "soa:Test"', ProbeSpec("SOA", "test.")),
+        ('[dns]\ndnssec_probe = ""', None),  # probing off
+    ],
+)
+def test_dnssec_probe(text: str, probe: ProbeSpec | None) -> None:
+    assert parse(text).dns.dnssec_probe == probe

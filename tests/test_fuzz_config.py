@@ -23,7 +23,7 @@ SECTIONS: dict[str, list[str]] = {
     "": ["hostname", "include"],
     "spool": ["path", "key_file", "max_age"],
     "relay": ["networks", "local_domains"],
-    "dns": ["resolvers", "timeout", "trusted"],
+    "dns": ["resolvers", "timeout", "trusted", "dnssec_probe"],
     "dane": ["enabled"],
     "mta_sts": ["enabled", "port", "timeout", "cache_file", "refresh_interval"],
     "tls": ["ca_file"],

@@ -85,6 +85,17 @@ class TlsaRecord:
         return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
 
 
+def parse_tlsa_rdata(rdata: bytes) -> TlsaRecord | None:
+    """A TLSA rdata as published (RFC 6698 §2.1): usage, selector, matching type octets,
+    then the association data, whatever its length (``is_usable`` judges that).
+
+    ``None`` when even the three parameter octets are missing.
+    """
+    if len(rdata) < 3:
+        return None
+    return TlsaRecord(rdata[0], rdata[1], rdata[2], bytes(rdata[3:]))
+
+
 def _label(record: TlsaRecord) -> str:
     """The record for a log line: parameters and the first bytes of its data."""
     text = str(record)

@@ -14,7 +14,12 @@ facts per host); this module is the one place that weighs them, so delivery and
 4. MTA-STS ``testing``: the default level, with the MTA-STS check reported, not enforced;
 5. ``outbound.default_level``.
 
-Nothing here lowers a level because a lookup failed. A TLSA lookup that failed (SERVFAIL,
+Nothing here lowers a level because a lookup failed, nor because DNSSEC is unverifiable
+(the resolver fails the DNSSEC probe, ``mta.policy.dnssec``): then ``dane`` and
+``dane-only`` local entries are refused (``dnssec-invalid``), a host that publishes
+usable TLSA records is refused like a failed lookup (the resolver reports them as
+``FAILED``), and a host that publishes none gets the rule below DANE, its ``why`` saying
+that DANE was not checked. A TLSA lookup that failed (SERVFAIL,
 bogus, timeout) refuses the host (``dnssec-invalid``) wherever TLSA could matter, and so do
 ``dane-only`` without usable TLSA (``dane-required``) and, under MTA-STS ``enforce``, a
 host outside the policy's ``mx`` patterns (``validation-failure``) — checked for every
@@ -98,6 +103,7 @@ class TlsaStatus(enum.Enum):
     INSECURE = "insecure"  # no DNSSEC (or MX/host chain insecure): not DANE
     FAILED = "failed"  # SERVFAIL / bogus / timeout -> defer this host
     NOT_LOOKED_UP = "not-looked-up"  # DANE disabled or resolver not trusted
+    UNVERIFIABLE = "unverifiable"  # the resolver fails the DNSSEC probe; no TLSA published
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,7 @@ class TlsaFacts:
     records: tuple[TlsaRecord, ...] = ()  # usable ones
     base: str = ""  # TLSA base domain (the expanded CNAME target or the host)
     detail: str = ""
+    name: str = ""  # the RRset's owner, _<port>._tcp.<base> (when an RRset was found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +190,12 @@ def decide_host(
                 f"TLSA lookup for {host} failed: {tlsa.detail or 'no secure answer'}",
                 reason="dnssec-invalid",
             )
+        if tlsa.status is TlsaStatus.UNVERIFIABLE and local is not None:
+            raise TlsPolicyFailure(
+                f"level {local.level.label} for {policy.domain}: TLSA of {host} cannot be "
+                f"trusted, {tlsa.detail}",
+                reason="dnssec-invalid",
+            )
         if tlsa.status is TlsaStatus.USABLE:
             return _dane(policy, host, tlsa)
     if local is not None:
@@ -191,6 +204,9 @@ def decide_host(
     if tlsa.status is TlsaStatus.UNUSABLE and requirement.level <= TlsLevel.ENCRYPT:
         why = f"TLSA RRset of {tlsa.base or host} is secure, none usable: TLS mandatory"
         return replace(requirement, level=TlsLevel.ENCRYPT, source=PolicySource.DANE, why=why)
+    if tlsa.status is TlsaStatus.UNVERIFIABLE:  # no TLSA published: say DANE was not checked
+        why = f"{requirement.why}; DNSSEC unverifiable, DANE not checked ({tlsa.detail})"
+        return replace(requirement, why=why)
     return requirement
 
 
@@ -201,7 +217,7 @@ def _dane(policy: TransportPolicy, host: str, tlsa: TlsaFacts) -> HostRequiremen
     check = PeerCheck("dane", names=names, tlsa=tlsa.records)
     level = TlsLevel.DANE_ONLY if policy.level is TlsLevel.DANE_ONLY else TlsLevel.DANE
     source = PolicySource.LOCAL if policy.local is not None else PolicySource.DANE
-    why = f"{len(tlsa.records)} usable TLSA record(s) at _25._tcp.{base} (DNSSEC-secure)"
+    why = f"{len(tlsa.records)} usable TLSA record(s) at {tlsa.name or base} (DNSSEC-secure)"
     if policy.local is not None:
         why = f"{policy.why}; {why}"
     return HostRequirement(host, level, source, check, sni=base, why=why)

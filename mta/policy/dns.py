@@ -17,34 +17,50 @@ or marked trusted by the operator). A bogus answer reaches us as SERVFAIL, hence
 ``tlsa_for_host`` is RFC 7672 §2.2.2: TLSA records count only when the host's address
 records are secure, and for a CNAME'd host they are looked up at the fully expanded
 name first, then at the original one.
+
+One malformed TLSA record must not hide the others (RFC 7672 §3.1, RFC 6698: a record
+whose data does not fit its matching type is unusable, and ignored). dnspython refuses
+a whole response when one TLSA rdata is inconsistent (a 31-byte SHA-256 digest) and its
+resolver then waits out the timeout for a "valid" one. So our nameserver
+(``_Nameserver``) parses every response with ``continue_on_error``, and for TLSA the
+records are read from the response's wire (``answer_rdatas``) whenever dnspython
+recorded an error: every record is kept as published and ``dane.is_usable`` judges it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import dns._asyncbackend
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.inet
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.query
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.wire
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TLSA import TLSA
 from dns.rdtypes.ANY.TXT import TXT
 
 from mta.config import Resolver, is_ip
 from mta.errors import ConfigError
-from mta.policy.dane import TlsaRecord, is_usable
+from mta.policy.dane import TlsaRecord, is_usable, parse_tlsa_rdata
 from mta.policy.decide import TlsaFacts, TlsaStatus
+from mta.policy.dnssec import ProbeAnswer, ProbeSpec
 from mta.policy.mx import MxRecord, is_null_mx, normalise_host
 
 _CACHE_ENTRIES: Final = 10_000  # answers kept (oldest dropped first)
@@ -109,7 +125,7 @@ class AddressesFound:
 
 @dataclass(frozen=True, slots=True)
 class TlsaAnswer:
-    """The TLSA RRset at ``name`` (``_25._tcp.<host>``), usable records or not."""
+    """The TLSA RRset at ``name`` (``_<port>._tcp.<host>``), usable records or not."""
 
     records: tuple[TlsaRecord, ...]
     secure: bool
@@ -172,9 +188,7 @@ class DnsClient:
     def __init__(self, resolvers: Sequence[Resolver], timeout: float) -> None:
         if resolvers:
             resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(r.host, r.port) for r in resolvers
-            ]
+            resolver.nameservers = [_Nameserver(r.host, r.port) for r in resolvers]
         else:
             try:
                 resolver = dns.asyncresolver.Resolver(configure=True)
@@ -184,6 +198,12 @@ class DnsClient:
                     "dns.resolvers",
                     f"empty, and the system has no usable resolvers: {err}",
                 ) from None
+            resolver.nameservers = [  # ours, so TLSA answers are parsed leniently (above)
+                _Nameserver(server, resolver.nameserver_ports.get(server, resolver.port))
+                if isinstance(server, str) and is_ip(server)
+                else server
+                for server in resolver.nameservers
+            ]
         resolver.lifetime = timeout
         resolver.timeout = min(_PER_TRY_TIMEOUT, timeout)
         resolver.cache = None  # ours (_query) keeps the typed results, DNSSEC status included
@@ -263,20 +283,31 @@ class DnsClient:
             return answer
         if isinstance(answer, _NoData):
             return NoDomain(f"{name}: no TLSA records (NODATA)", secure=answer.secure)
-        records = tuple(
-            TlsaRecord(rdata.usage, rdata.selector, rdata.mtype, rdata.cert)
-            for rdata in answer.rdatas
-            if isinstance(rdata, TLSA)
-        )
-        return TlsaAnswer(records, secure=answer.secure, name=name)
+        records: list[TlsaRecord] = []
+        for rdata in answer.rdatas:
+            if isinstance(rdata, TLSA):
+                records.append(TlsaRecord(rdata.usage, rdata.selector, rdata.mtype, rdata.cert))
+            elif isinstance(rdata, dns.rdata.GenericRdata):  # read from the wire (see above)
+                found = parse_tlsa_rdata(rdata.data)
+                if found is not None:
+                    records.append(found)
+        return TlsaAnswer(tuple(records), secure=answer.secure, name=name)
 
     async def tlsa_for_host(
-        self, host: str, port: int = 25, *, addresses: AddressLookup | None = None
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        addresses: AddressLookup | None = None,
+        unverified: bool = False,
     ) -> TlsaFacts:
         """What DANE may use for ``host`` (RFC 7672 §2.2.2), as ``decide`` wants it.
 
         ``addresses``: the host's address lookup, when the caller has made it already
         (delivery has: it connects to them); else it is made here.
+        ``unverified``: the resolver failed the DNSSEC probe, so no AD bit can be believed
+        or expected: report what is *published* (every answer counts as if secure); the
+        caller must not authenticate with it (``resolver`` turns it into a refusal).
 
         The host's address records decide first: insecure -> ``INSECURE`` (no TLSA
         lookup); lookup failure -> ``FAILED``. With secure addresses, TLSA is looked up
@@ -293,14 +324,14 @@ class DnsClient:
         if isinstance(found, NoDomain):
             status = TlsaStatus.ABSENT if found.secure else TlsaStatus.INSECURE
             return TlsaFacts(status, detail=f"no address records: {found.reason}")
-        if not found.secure:
+        if not found.secure and not unverified:
             return TlsaFacts(
                 TlsaStatus.INSECURE, detail=f"address records of {host} are not DNSSEC-secure"
             )
         names = [found.canonical, host] if found.canonical else [host]
         facts = TlsaFacts(TlsaStatus.ABSENT)
         for base in names:
-            facts = _tlsa_facts(base, await self.tlsa(base, port))
+            facts = _tlsa_facts(base, await self.tlsa(base, port), unverified=unverified)
             if facts.status not in (TlsaStatus.ABSENT, TlsaStatus.INSECURE):
                 return facts
         return facts
@@ -321,6 +352,23 @@ class DnsClient:
                 for rdata in answer.rdatas
                 if isinstance(rdata, TXT)
             )
+        )
+
+    async def probe_dnssec(self, spec: ProbeSpec) -> ProbeAnswer:
+        """Ask the DNSSEC probe's question, uncached: does the answer carry AD?
+
+        A denial with AD counts as validated too; a failure is not (the resolver is down,
+        or refuses the name, or sees the answer as bogus: nothing validates either way).
+        """
+        found, _ttl = await self._ask(spec.name, dns.rdatatype.from_text(spec.rdtype))
+        if isinstance(found, DnsTempFail):
+            return ProbeAnswer(False, f"no answer to the probe {spec}: {found.reason}")
+        if found.secure:
+            return ProbeAnswer(True, f"{spec}: validated (AD bit set)")
+        return ProbeAnswer(
+            False,
+            f"{spec} answered without the AD bit: the resolver does not validate DNSSEC "
+            "(validation off, no trust anchor, or a forwarder)",
         )
 
     async def _query(
@@ -361,8 +409,11 @@ class DnsClient:
             return found, _NEGATIVE_TTL
         except dns.resolver.NoAnswer as err:
             response = err.kwargs.get("response")
-            secure = isinstance(response, dns.message.Message) and _is_secure(response)
-            return _NoData(secure), _NEGATIVE_TTL
+            if not isinstance(response, dns.message.Message):
+                return _NoData(False), _NEGATIVE_TTL
+            if rdtype == dns.rdatatype.TLSA and response.errors:  # every record refused
+                return _rdata_from_wire(name, response)
+            return _NoData(_is_secure(response)), _NEGATIVE_TTL
         except dns.resolver.NoNameservers:
             return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})"), 0
         except dns.exception.Timeout:
@@ -372,6 +423,8 @@ class DnsClient:
         if len(answer.chaining_result.cnames) > MAX_CNAME_CHAIN:
             chain = f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type={kind})"
             return DnsTempFail(chain), 0
+        if rdtype == dns.rdatatype.TLSA and answer.response.errors:  # some records refused
+            return _rdata_from_wire(name, answer.response)
         rrset = _RRset(
             tuple(answer),
             secure=_is_secure(answer.response),
@@ -380,20 +433,80 @@ class DnsClient:
         return rrset, float(answer.rrset.ttl if answer.rrset is not None else 0)
 
 
-def _tlsa_facts(base: str, answer: TlsaLookup) -> TlsaFacts:
-    """One TLSA lookup at ``base`` as ``decide`` sees it (RFC 7672 §2.2, §3.1.3)."""
+def _tlsa_facts(base: str, answer: TlsaLookup, *, unverified: bool = False) -> TlsaFacts:
+    """One TLSA lookup at ``base`` as ``decide`` sees it (RFC 7672 §2.2, §3.1.3).
+
+    ``unverified``: take every answer as if secure (what is published; see
+    ``DnsClient.tlsa_for_host``).
+    """
     if isinstance(answer, DnsTempFail):
         return TlsaFacts(TlsaStatus.FAILED, base=base, detail=answer.reason)
     if isinstance(answer, NoDomain):
-        status = TlsaStatus.ABSENT if answer.secure else TlsaStatus.INSECURE
+        secure = answer.secure or unverified
+        status = TlsaStatus.ABSENT if secure else TlsaStatus.INSECURE
         return TlsaFacts(status, base=base, detail=answer.reason)
-    if not answer.secure:
-        return TlsaFacts(TlsaStatus.INSECURE, base=base, detail=f"{answer.name}: not DNSSEC-secure")
+    name = answer.name
+    if not answer.secure and not unverified:
+        return TlsaFacts(
+            TlsaStatus.INSECURE, base=base, name=name, detail=f"{name}: not DNSSEC-secure"
+        )
     usable = tuple(record for record in answer.records if is_usable(record))
+    unusable = len(answer.records) - len(usable)
     if not usable:
-        detail = f"{answer.name}: {len(answer.records)} TLSA record(s), none usable"
-        return TlsaFacts(TlsaStatus.UNUSABLE, base=base, detail=detail)
-    return TlsaFacts(TlsaStatus.USABLE, usable, base=base, detail=f"{answer.name}: secure")
+        detail = f"{name}: {len(answer.records)} TLSA record(s), none usable"
+        return TlsaFacts(TlsaStatus.UNUSABLE, base=base, name=name, detail=detail)
+    state = "published (unverified)" if not answer.secure else "secure"
+    detail = f"{name}: {state}" + (f", {unusable} unusable record(s) ignored" if unusable else "")
+    return TlsaFacts(TlsaStatus.USABLE, usable, base=base, name=name, detail=detail)
+
+
+def answer_rdatas(
+    wire: bytes, owner: dns.name.Name, rdtype: dns.rdatatype.RdataType
+) -> tuple[list[bytes], int]:
+    """The rdata of every ``rdtype`` record at ``owner`` in the answer section of the DNS
+    message ``wire``, as published, with the smallest TTL (0 when none).
+
+    Reads the wire itself (RFC 1035 §4.1), so a record dnspython refuses is kept;
+    a ``dns.exception.DNSException`` when the message itself is malformed.
+    """
+    parser = dns.wire.Parser(wire)
+    _id, _flags, questions, answers, _authority, _additional = parser.get_struct("!HHHHHH")
+    for _ in range(questions):
+        parser.get_name(decompress=True)  # owner names may be compressed (RFC 3597 §4)
+        parser.get_struct("!HH")
+    found: list[bytes] = []
+    ttls: list[int] = []
+    for _ in range(answers):
+        name = parser.get_name(decompress=True)
+        kind, rdclass, ttl, length = parser.get_struct("!HHIH")
+        data = parser.get_bytes(length)
+        if name == owner and kind == rdtype and rdclass == dns.rdataclass.IN:
+            found.append(data)
+            ttls.append(ttl)
+    return found, min(ttls, default=0)
+
+
+def _rdata_from_wire(
+    name: str, response: dns.message.Message
+) -> tuple[_RRset | _NoData | DnsTempFail, float]:
+    """A TLSA answer dnspython could not wholly parse: its records read from the wire, each
+    as generic rdata (``DnsClient.tlsa`` judges them one by one)."""
+    if not isinstance(response, dns.message.QueryMessage):
+        return DnsTempFail(f"{name}: not a response to a query (type=TLSA)"), 0
+    chain = response.resolve_chaining()
+    if len(chain.cnames) > MAX_CNAME_CHAIN:
+        return DnsTempFail(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type=TLSA)"), 0
+    try:
+        found, ttl = answer_rdatas(response.wire or b"", chain.canonical_name, dns.rdatatype.TLSA)
+    except dns.exception.DNSException as err:  # cut short, bad pointers: the message itself
+        return DnsTempFail(f"{name}: malformed DNS response (type=TLSA): {err}"), 0
+    if not found:
+        return _NoData(_is_secure(response)), _NEGATIVE_TTL
+    rdatas = tuple(
+        dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.TLSA, data) for data in found
+    )
+    canonical = normalise_host(chain.canonical_name.to_text())
+    return _RRset(rdatas, secure=_is_secure(response), canonical=canonical), float(ttl)
 
 
 def _responses(found: object) -> list[dns.message.Message]:
@@ -416,3 +529,132 @@ def _is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+class _Nameserver(dns.nameserver.Do53Nameserver):
+    """A Do53 nameserver whose responses are parsed with ``continue_on_error``.
+
+    dnspython's own exchange drops a response holding one rdata it refuses and waits for
+    another until the query times out. Here the exchange is the same (UDP, TCP when the
+    resolver asks after truncation) but the response is kept with the refused records
+    listed in ``Message.errors``, for TLSA only (``DnsClient._ask`` rereads them from the
+    wire); for any other type such a response is still ignored, as dnspython does.
+    """
+
+    async def async_query(
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,  # noqa: ASYNC109 - the signature dnspython calls
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        backend: dns._asyncbackend.Backend,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        if source is not None or source_port or one_rr_per_rrset or ignore_trailing:
+            return await super().async_query(  # options we never set: dnspython's exchange
+                request, timeout, source, source_port, max_size, backend
+            )
+        deadline = time.monotonic() + timeout
+        af = dns.inet.af_for_address(self.address)
+        if max_size:
+            return await self._tcp(request, af, deadline, backend)
+        return await self._udp(request, af, deadline, backend)
+
+    async def _udp(
+        self,
+        request: dns.message.QueryMessage,
+        af: int,
+        deadline: float,
+        backend: dns._asyncbackend.Backend,
+    ) -> dns.message.Message:
+        target = (self.address, self.port)
+        # dnspython's backend API is not annotated; these are its documented calls.
+        connected = target if backend.datagram_connection_required() else None  # type: ignore[no-untyped-call]
+        sock = await backend.make_socket(af, socket.SOCK_DGRAM, 0, None, connected)  # type: ignore[no-untyped-call]
+        async with sock:
+            await sock.sendto(request.to_wire(), target, _left(deadline))
+            while True:
+                wire, sender = await sock.recvfrom(65535, _left(deadline))
+                if not _same_address(sender, target):
+                    continue
+                response = _lenient_response(wire, request, truncation=True)
+                if response is not None:
+                    return response
+
+    async def _tcp(
+        self,
+        request: dns.message.QueryMessage,
+        af: int,
+        deadline: float,
+        backend: dns._asyncbackend.Backend,
+    ) -> dns.message.Message:
+        target = (self.address, self.port)
+        sock = await backend.make_socket(  # type: ignore[no-untyped-call]
+            af, socket.SOCK_STREAM, 0, None, target, _left(deadline)
+        )
+        async with sock:
+            await dns.asyncquery.send_tcp(sock, request, time.time() + _left(deadline))
+            size = int.from_bytes(await _read_exactly(sock, 2, deadline), "big")
+            wire = await _read_exactly(sock, size, deadline)
+        response = _lenient_response(wire, request, truncation=False)
+        if response is None:
+            raise dns.query.BadResponse
+        return response
+
+
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline``; ``Timeout`` once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise dns.exception.Timeout
+    return left
+
+
+async def _read_exactly(sock: dns._asyncbackend.StreamSocket, count: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = await sock.recv(count - len(data), _left(deadline))  # type: ignore[no-untyped-call]
+        if not chunk:
+            raise EOFError("EOF")
+        data += chunk
+    return data
+
+
+def _same_address(sender: object, target: tuple[str, int]) -> bool:
+    """The datagram came from the nameserver asked (spoofed or stray ones are skipped)."""
+    if not isinstance(sender, tuple) or len(sender) < 2:
+        return False
+    try:
+        same = ipaddress.ip_address(str(sender[0])) == ipaddress.ip_address(target[0])
+    except ValueError:
+        return False
+    return same and sender[1] == target[1]
+
+
+def _lenient_response(
+    wire: bytes, request: dns.message.QueryMessage, *, truncation: bool
+) -> dns.message.Message | None:
+    """``wire`` as the response to ``request``, or ``None`` to keep waiting for one.
+
+    Records dnspython refuses are listed in ``errors`` and, for a TLSA question, the
+    response is kept (``_rdata_from_wire`` reads them); for any other question such a
+    response counts as unreadable, as in dnspython's own exchange.
+    """
+    try:
+        response = dns.message.from_wire(
+            wire, continue_on_error=True, raise_on_truncation=truncation
+        )
+    except dns.message.Truncated as err:
+        partial = err.kwargs.get("message")
+        if isinstance(partial, dns.message.Message) and request.is_response(partial):
+            raise
+        return None
+    except Exception:  # not a DNS message at all
+        return None
+    if not request.is_response(response):
+        return None
+    if response.errors and request.question[0].rdtype != dns.rdatatype.TLSA:
+        return None
+    return response

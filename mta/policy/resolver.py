@@ -9,6 +9,13 @@ one candidate host's addresses and TLSA records and decides what that host must 
 first that takes the mail; ``mta check`` walks them all and reports. Neither decides
 anything itself, so the two cannot disagree.
 
+While the resolver fails the DNSSEC probe (``dnssec``), no AD bit means anything: TLSA
+is then looked up as published, whatever the DNSSEC status of the chain, and a host
+that publishes usable records is refused (``dnssec-invalid``: it looks like a DANE host,
+and its records cannot be told from forged ones); one that publishes none is marked
+``UNVERIFIABLE`` (``decide`` refuses it for ``dane``/``dane-only`` local entries and
+says so in every other requirement's ``why``).
+
 DNS answers that end the attempt (null MX, a domain that does not exist, a lookup that
 failed) become a ``Terminal``; a host that must not get mail (bogus TLSA, not in the
 MTA-STS policy) carries its ``refusal`` instead of a requirement.
@@ -41,6 +48,7 @@ from mta.policy.dns import (
     NoDomain,
     NullMx,
 )
+from mta.policy.dnssec import DnssecStatus
 from mta.policy.local import DomainPolicy, Nexthop, find_policy
 from mta.policy.mx import hosts_for
 from mta.policy.verify import TrustStore
@@ -59,8 +67,19 @@ class DnsLookup(Protocol):
     async def addresses(self, host: str) -> AddressLookup: ...
 
     async def tlsa_for_host(
-        self, host: str, port: int = 25, *, addresses: AddressLookup | None = None
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        addresses: AddressLookup | None = None,
+        unverified: bool = False,
     ) -> TlsaFacts: ...
+
+
+class DnssecHealth(Protocol):
+    """Whether the resolver validates (``mta.policy.dnssec_probe.DnssecProbe``)."""
+
+    async def current(self) -> DnssecStatus: ...
 
 
 class StsLookup(Protocol):
@@ -117,6 +136,7 @@ class DestinationResolver:
         domain_trust: per-domain-policy trust stores (a policy's own ``ca_file``).
         dane_trusted: whether the resolver's AD bit may be trusted (loopback or marked).
         rand: orders MX hosts of equal preference.
+        dnssec: the DNSSEC probe's status; ``None``: not probed (the AD bit is believed).
     """
 
     def __init__(
@@ -129,6 +149,7 @@ class DestinationResolver:
         domain_trust: dict[str, TrustStore] | None = None,
         dane_trusted: bool,
         rand: random.Random,
+        dnssec: DnssecHealth | None = None,
     ) -> None:
         self._config = config
         self._dns = dns
@@ -137,6 +158,18 @@ class DestinationResolver:
         self._domain_trust = domain_trust or {}
         self._dane = config.dane.enabled and dane_trusted
         self._rand = rand
+        self._dnssec = dnssec
+
+    @property
+    def dane(self) -> bool:
+        """Whether DANE is used at all (enabled, and the resolver's AD bit trusted)."""
+        return self._dane
+
+    async def dnssec_status(self) -> DnssecStatus:
+        """The DNSSEC probe's status (after the first probe), for decisions and reports."""
+        if self._dnssec is None:
+            return DnssecStatus()
+        return await self._dnssec.current()
 
     async def sts_facts(self, domain: str) -> StsFacts:
         if self._sts is None:
@@ -214,6 +247,22 @@ class DestinationResolver:
         """RFC 7672 §2.2: DANE only over a DNSSEC-secure chain from the domain to the host."""
         if not self._dane or is_ip(host):
             return TlsaFacts(TlsaStatus.NOT_LOOKED_UP, detail="DANE disabled or not trusted")
+        dnssec = await self.dnssec_status()
+        if not dnssec.ok:
+            return await self._tlsa_unverifiable(plan, host, addresses, dnssec)
         if plan.mx_lookup and not plan.mx_secure:
             return TlsaFacts(TlsaStatus.INSECURE, detail=f"MX RRset of {plan.nexthop} is insecure")
         return await self._dns.tlsa_for_host(host, plan.port, addresses=addresses)
+
+    async def _tlsa_unverifiable(
+        self, plan: DomainPlan, host: str, addresses: AddressesFound, dnssec: DnssecStatus
+    ) -> TlsaFacts:
+        """The resolver fails the DNSSEC probe: what ``host`` publishes decides (see above)."""
+        why = f"DNSSEC unverifiable: resolver {dnssec.resolver} fails the probe {dnssec.probe}"
+        facts = await self._dns.tlsa_for_host(host, plan.port, addresses=addresses, unverified=True)
+        if facts.status is TlsaStatus.USABLE:
+            detail = f"{facts.name} publishes usable TLSA records, but {why}"
+            return replace(facts, status=TlsaStatus.FAILED, records=(), detail=detail)
+        if facts.status in (TlsaStatus.ABSENT, TlsaStatus.INSECURE):
+            return replace(facts, status=TlsaStatus.UNVERIFIABLE, detail=why)
+        return facts  # FAILED (no answer either way), UNUSABLE (TLS is mandatory anyway)

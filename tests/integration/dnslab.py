@@ -14,7 +14,10 @@ so this builds the smallest honest setup:
 - knotd only serves the signed files (no signing, no journal) on 127.0.0.1;
 - unbound validates with the DS of ``test.`` as its only trust anchor, reaches knot
   through a stub zone, refuses every name outside ``test.`` (the lab never leaves
-  loopback), and runs in the foreground: no chroot, no user change, no syslog.
+  loopback), and runs in the foreground: no chroot, no user change, no syslog;
+- ``start_plain_resolver()`` starts a second unbound like it but with validation off
+  (no validator module, no trust anchor): it never sets AD, so a relay pointed at it
+  fails its DNSSEC probe (``PROBE`` is the probe that passes on the validating one).
 
 Both servers run as child processes; their configuration and logs are in ``workdir``.
 They are stopped by ``stop()``, by the context manager, when the lab is garbage
@@ -59,6 +62,7 @@ STOP_TIMEOUT: Final = 5.0
 TTL: Final = 300
 SIGNATURE_LIFETIME: Final = 10 * 365 * 86400  # well inside RRSIG serial arithmetic (68 years)
 TOKEN_NAME: Final = "_dnslab.test."
+PROBE: Final = "ns:test."  # dns.dnssec_probe for a relay using the lab (the root is refused)
 
 KNOTD: Final = "/usr/sbin/knotd"
 UNBOUND: Final = "/usr/sbin/unbound"
@@ -332,12 +336,20 @@ class DnsLab:
         short = Path("/tmp") / f"dnslab-{os.getpid()}-{self.token}.sock"
         return short
 
-    def _unbound_conf(self) -> Path:
-        conf = self.workdir / "unbound.conf"
+    def _unbound_conf(self, port: int, *, validating: bool = True) -> Path:
+        name = "unbound" if validating else "unbound-plain"
+        if validating:
+            validation = (
+                '  module-config: "validator iterator"\n'
+                f'  trust-anchor-file: "{self.workdir / "trust-anchor.ds"}"\n'
+            )
+        else:
+            validation = '  module-config: "iterator"\n'
+        conf = self.workdir / f"{name}.conf"
         conf.write_text(
             "server:\n"
-            f"  interface: {self.unbound_host}@{self.unbound_port}\n"
-            f"  port: {self.unbound_port}\n"
+            f"  interface: {self.unbound_host}@{port}\n"
+            f"  port: {port}\n"
             "  interface-automatic: no\n"
             f"  outgoing-interface: {self.knot_host}\n"
             "  do-ip4: yes\n"
@@ -350,17 +362,14 @@ class DnsLab:
             '  chroot: ""\n'
             '  username: ""\n'
             f'  directory: "{self.workdir}"\n'
-            f'  pidfile: "{self.workdir / "unbound.pid"}"\n'
+            f'  pidfile: "{self.workdir / (name + ".pid")}"\n'
             "  use-syslog: no\n"
-            f'  logfile: "{self.workdir / "unbound.log"}"\n'
+            f'  logfile: "{self.workdir / (name + ".log")}"\n'
             "  log-time-ascii: yes\n"
             "  verbosity: 1\n"
             "  val-log-level: 2\n"
             "  access-control: 127.0.0.0/8 allow\n"
-            "  do-not-query-localhost: no\n"
-            '  module-config: "validator iterator"\n'
-            f'  trust-anchor-file: "{self.workdir / "trust-anchor.ds"}"\n'
-            "  trust-anchor-signaling: no\n"
+            "  do-not-query-localhost: no\n" + validation + "  trust-anchor-signaling: no\n"
             "  root-key-sentinel: no\n"
             "  val-permissive-mode: no\n"
             "  harden-dnssec-stripped: yes\n"
@@ -439,35 +448,44 @@ class DnsLab:
             time.sleep(0.02)
         return False
 
-    def _start_unbound(self) -> None:
+    def _start_unbound(self, *, validating: bool = True) -> int:
+        name = "unbound" if validating else "unbound-plain"
         for _attempt in range(3):
-            self.unbound_port = free_port(self.unbound_host)
-            proc = self._spawn(
-                [UNBOUND, "-d", "-p", "-c", str(self._unbound_conf())], "unbound.stdout"
-            )
-            if self._wait_unbound(proc):
-                return
+            port = free_port(self.unbound_host)
+            conf = self._unbound_conf(port, validating=validating)
+            proc = self._spawn([UNBOUND, "-d", "-p", "-c", str(conf)], f"{name}.stdout")
+            if self._wait_unbound(proc, port, validating=validating):
+                if validating:
+                    self.unbound_port = port
+                return port
             self._procs.remove(proc)
             _kill_all([proc])
         raise RuntimeError(
-            f"unbound did not come up:\n{self._tail('unbound.log', 'unbound.stdout')}"
+            f"unbound did not come up:\n{self._tail(f'{name}.log', f'{name}.stdout')}"
         )
 
-    def _wait_unbound(self, proc: subprocess.Popen[bytes]) -> bool:
-        """unbound answers the token through knot, validated (AD)."""
+    def start_plain_resolver(self) -> tuple[str, int]:
+        """A second unbound over the same knot, with validation off (after ``start()``):
+        the same answers, never the AD bit. Returns its (address, port)."""
+        if not self._started:
+            raise RuntimeError("start() the lab first")
+        return self.unbound_host, self._start_unbound(validating=False)
+
+    def _wait_unbound(self, proc: subprocess.Popen[bytes], port: int, *, validating: bool) -> bool:
+        """unbound answers the token through knot (validated, AD, when ``validating``)."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
-            if self._token_answered(self.unbound_port, knot=False):
+            if self._token_answered(port, knot=False, validated=validating):
                 return True
             time.sleep(0.02)
         return False
 
-    def _token_answered(self, port: int, *, knot: bool) -> bool:
+    def _token_answered(self, port: int, *, knot: bool, validated: bool = True) -> bool:
         host = self.knot_host if knot else self.unbound_host
         reply = _ask(host, port, TOKEN_NAME, "TXT", dnssec=not knot)
         if reply is None or reply.rcode() != dns.rcode.NOERROR:
             return False
-        if not knot and not reply.flags & dns.flags.AD:
+        if not knot and validated and not reply.flags & dns.flags.AD:
             return False
         return any(
             rdata.to_text() == f'"{self.token}"'

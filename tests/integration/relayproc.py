@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import signal
 import smtplib
@@ -86,9 +87,16 @@ class RelayProcess:
     """One relay process with its policy file, data directory and log file."""
 
     def __init__(
-        self, tmp_path: Path, policy: str, *, port: int | None = None, listener: str = ""
+        self,
+        tmp_path: Path,
+        policy: str,
+        *,
+        port: int | None = None,
+        listener: str = "",
+        nofile: int | None = None,
     ) -> None:
         self.listener = listener  # extra keys for our [[listener]] table
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) of the process, like ulimit -n
         self.home = tmp_path / "var"
         self.port = port or free_port()
         self.policy_file = tmp_path / "relay.toml"
@@ -113,6 +121,7 @@ class RelayProcess:
                 env={**os.environ, "MTA_HOME": str(self.home)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limits if self.nofile is not None else None,
             )
         deadline = time.monotonic() + READY_TIMEOUT
         while "mta.ready" not in self.log[mark:]:
@@ -122,6 +131,11 @@ class RelayProcess:
                 raise AssertionError(f"relay not ready in {READY_TIMEOUT}s:\n{self.log[mark:]}")
             time.sleep(0.05)
         return self
+
+    def _limits(self) -> None:
+        """In the child, before exec: the descriptor limit, as ``ulimit -n`` sets it."""
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self) -> None:
         assert self.proc is not None

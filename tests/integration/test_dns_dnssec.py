@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,13 +22,17 @@ from mta.policy.dns import (
     TxtAnswer,
     resolver_is_trusted,
 )
+from mta.policy.dnssec import ProbeSpec, parse_probe
 from mta.policy.mx import MxRecord
-from tests.integration.dnslab import DnsLab
+from tests.integration.dnslab import PROBE, DnsLab
 
 EE_A = "3 1 1 " + "aa" * 32
 EE_B = "3 1 1 " + "bb" * 32
 TA_C = "2 0 2 " + "cc" * 64
 PKIX_D = "1 1 1 " + "dd" * 32  # usage 1 (PKIX-EE): unusable for SMTP (RFC 7672 §3.1.3)
+# "3 1 1" with a 31-byte digest: unusable (RFC 7672 §3.1), refused by dnspython's parser.
+# RFC 3597 generic syntax, since zone tools may refuse it in presentation form.
+SHORT_EE = r"\# 34 030101" + "ee" * 31
 
 
 def record(text: str) -> TlsaRecord:
@@ -67,6 +72,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsLab]:
                 # a secure host whose TLSA owner leads into the bogus zone
                 "mxb A 127.0.0.1",
                 "_25._tcp.mxb CNAME _25._tcp.mx.bogus.test.",
+                # one malformed record beside a good one; only malformed ones
+                "badmix A 127.0.0.1",
+                f"_25._tcp.badmix TLSA {SHORT_EE}",
+                f"_25._tcp.badmix TLSA {EE_A}",
+                "allbad A 127.0.0.1",
+                f"_25._tcp.allbad TLSA {SHORT_EE}",
                 '_mta-sts TXT "v=STSv1; id=20240101T000000"',
                 'multi TXT "v=STSv1; " "id=abc"',
                 'multi TXT "second record"',
@@ -258,7 +269,11 @@ def test_bogus_tlsa_behind_secure_addresses_fails(client: DnsClient) -> None:
 def test_cname_host_uses_the_expanded_name_first(client: DnsClient) -> None:
     facts = asyncio.run(client.tlsa_for_host("alias.secure.test"))
     assert facts == TlsaFacts(
-        TlsaStatus.USABLE, (record(EE_B),), base="mx.target.test", detail=facts.detail
+        TlsaStatus.USABLE,
+        (record(EE_B),),
+        base="mx.target.test",
+        detail=facts.detail,
+        name="_25._tcp.mx.target.test",
     )
 
 
@@ -312,3 +327,69 @@ def test_txt_absent(client: DnsClient, name: str, secure: bool) -> None:
 
 def test_txt_bogus_is_a_temporary_failure(client: DnsClient) -> None:
     assert isinstance(asyncio.run(client.txt("bogus.test")), DnsTempFail)
+
+
+# --- a malformed TLSA record among good ones (issue 8 §3; RFC 7672 §3.1) ---
+
+
+def test_one_malformed_tlsa_record_does_not_hide_the_good_one(client: DnsClient) -> None:
+    began = time.monotonic()
+    answer = asyncio.run(client.tlsa("badmix.secure.test"))
+    assert time.monotonic() - began < 1.0  # answered at once, no timeout waited out
+    assert isinstance(answer, TlsaAnswer)
+    assert answer.secure
+    short = TlsaRecord(3, 1, 1, bytes.fromhex("ee" * 31))
+    assert sorted(answer.records, key=str) == sorted([record(EE_A), short], key=str)
+    facts = asyncio.run(client.tlsa_for_host("badmix.secure.test"))
+    assert facts.status is TlsaStatus.USABLE
+    assert facts.records == (record(EE_A),)
+    assert "1 unusable record(s) ignored" in facts.detail
+
+
+def test_only_malformed_tlsa_records_are_unusable_not_a_failure(client: DnsClient) -> None:
+    facts = asyncio.run(client.tlsa_for_host("allbad.secure.test"))
+    assert facts.status is TlsaStatus.UNUSABLE  # TLS mandatory, unauthenticated
+    assert "1 TLSA record(s), none usable" in facts.detail
+
+
+# --- the DNSSEC probe (issue 8 §2) ---
+
+
+@pytest.fixture(scope="module")
+def plain_client(lab: DnsLab) -> DnsClient:
+    """Through a second unbound with validation off: the same answers, never AD."""
+    host, port = lab.start_plain_resolver()
+    return DnsClient([Resolver(host, port)], timeout=3.0)
+
+
+def test_the_probe_passes_at_a_validating_resolver(client: DnsClient) -> None:
+    spec = parse_probe(PROBE)
+    assert spec is not None
+    answer = asyncio.run(client.probe_dnssec(spec))
+    assert answer.validated, answer.detail
+
+
+def test_the_probe_fails_at_a_resolver_that_does_not_validate(plain_client: DnsClient) -> None:
+    answer = asyncio.run(plain_client.probe_dnssec(ProbeSpec("NS", "test.")))
+    assert not answer.validated
+    assert "without the AD bit" in answer.detail
+    # what the relay would otherwise believe: a signed zone looks insecure
+    found = asyncio.run(plain_client.mx("secure.test"))
+    assert isinstance(found, MxHosts)
+    assert not found.secure
+
+
+def test_the_probe_fails_when_the_name_is_refused(client: DnsClient) -> None:
+    answer = asyncio.run(client.probe_dnssec(ProbeSpec("NS", ".")))  # the lab refuses "."
+    assert not answer.validated
+    assert "no answer to the probe ns:." in answer.detail
+
+
+def test_unverified_tlsa_reports_what_is_published(plain_client: DnsClient) -> None:
+    assert asyncio.run(plain_client.tlsa_for_host("mx.secure.test")).status is (TlsaStatus.INSECURE)
+    facts = asyncio.run(plain_client.tlsa_for_host("mx.secure.test", unverified=True))
+    assert facts.status is TlsaStatus.USABLE
+    assert facts.name == "_25._tcp.mx.secure.test"
+    assert "published (unverified)" in facts.detail
+    absent = asyncio.run(plain_client.tlsa_for_host("notlsa.secure.test", unverified=True))
+    assert absent.status is TlsaStatus.ABSENT

@@ -20,7 +20,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tests.integration.dnslab import DnsLab
+from tests.integration.dnslab import PROBE, DnsLab
 from tests.integration.receivers import ReceivedMessage, Receiver, TlsMode
 from tests.integration.relayproc import RelayProcess, common_port, wait_until
 from tests.integration.stsserver import StsServer
@@ -104,6 +104,18 @@ def build_scenarios(ca: trustme.CA, smtp_port: int) -> list[Scenario]:
         cert=leaf(ta, "dane-ta.test"),
         verified=True,
         records=[f"{tlsa} TLSA 2 0 1 {cert_sha256(ta)}"],
+    )
+    malformed = leaf(rogue, "dane-malformed.test")
+    add(  # one malformed record (a 31-byte SHA-256 digest) beside the good one (issue 8 §3)
+        "dane-malformed.test",
+        "deliver",
+        None,
+        cert=malformed,
+        verified=True,
+        records=[
+            f"{tlsa} TLSA \\# 34 030101{'ee' * 31}",
+            f"{tlsa} TLSA 3 1 1 {spki_sha256(malformed)}",
+        ],
     )
     add(
         "dane-mismatch.test",
@@ -223,7 +235,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     sts_servers: dict[str, StsServer] = {}
     relay = RelayProcess(
         work,
-        f'[dns]\nresolvers = ["{resolver_host}:{resolver_port}"]\n'
+        f'[dns]\nresolvers = ["{resolver_host}:{resolver_port}"]\ndnssec_probe = "{PROBE}"\n'
         f'[tls]\nca_file = "{ca_file}"\n'
         f'[outbound]\nport = {smtp_port}\nretry_min = "1h"\nretry_max = "2h"\n'
         f"[mta_sts]\nport = {https_port}\n",
@@ -298,6 +310,7 @@ def check(world: World, domain: str) -> dict[str, object]:
 
 SCENARIOS = [
     "dane-ee.test",
+    "dane-malformed.test",
     "dane-ta.test",
     "dane-mismatch.test",
     "dane-unusable.test",
@@ -354,7 +367,8 @@ def test_check_explains_the_policy_source(
 
 def test_dane_ee_check_reports_the_matching_record_and_the_peer(world: World) -> None:
     doc = check(world, "dane-ee.test")
-    assert doc["dnssec"] == {"mx": "secure"}
+    assert doc["dnssec"]["mx"] == "secure"  # type: ignore[index]
+    assert doc["dnssec"]["validation"] == "validating"  # type: ignore[index]
     (host,) = doc["mx"]  # type: ignore[misc]
     assert host["tlsa"]["status"] == "usable"
     assert host["tlsa"]["records"][0].startswith("3 1 1 ")
@@ -362,6 +376,22 @@ def test_dane_ee_check_reports_the_matching_record_and_the_peer(world: World) ->
     assert probe["forward_secret"] is True
     assert probe["verification"]["ok"] is True
     assert probe["certificate"]["dns_names"] == ["mx.dane-ee.test"]
+
+
+def test_a_malformed_tlsa_record_does_not_hide_the_good_one(world: World) -> None:
+    """Issue 8 §3: delivered, DANE-verified through the good record; and the TLSA owner
+    named is the one for ``outbound.port`` (issue 8 §5), not ``_25._tcp``."""
+    assert observe(world, "dane-malformed.test") == ("deliver", None)
+    doc = check(world, "dane-malformed.test")
+    (host,) = doc["mx"]  # type: ignore[misc]
+    assert host["tlsa"]["status"] == "usable"
+    assert len(host["tlsa"]["records"]) == 1  # the good one; the short one is ignored
+    (probe,) = host["connect"]
+    assert probe["verification"]["ok"] is True
+    assert "DANE-EE" in probe["verification"]["detail"]
+    text = world.relay.mta("check", "dane-malformed.test").stdout
+    assert "_25._tcp" not in text
+    assert f"_{doc['port']}._tcp.mx.dane-malformed.test" in host["requirement"]["why"]
 
 
 def test_mta_sts_check_shows_the_policy(world: World) -> None:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mta.config import Config, validate
 from mta.model import DeliveryResult, Outcome
 from tests.integration import outbound
-from tests.integration.dnslab import DnsLab
+from tests.integration.dnslab import PROBE, DnsLab
 from tests.integration.hostile import ProxyMode, StrippingProxy
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import common_port
@@ -79,7 +79,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     raw: dict[str, Any] = {
         "hostname": "relay.test",
-        "dns": {"resolvers": [f"{resolver_host}:{resolver_port}"], "timeout": "5s"},
+        "dns": {
+            "resolvers": [f"{resolver_host}:{resolver_port}"],
+            "timeout": "5s",
+            "dnssec_probe": PROBE,
+        },
         "tls": {"ca_file": str(ca_file)},
         "mta_sts": {"port": https_port, "cache_file": str(work / "sts-cache.json")},
         "outbound": {"port": smtp_port, "connect_timeout": "5s", "command_timeout": "5s"},

@@ -43,6 +43,9 @@ ABSENT = TlsaFacts(TlsaStatus.ABSENT, base=MX)
 INSECURE = TlsaFacts(TlsaStatus.INSECURE)
 FAILED = TlsaFacts(TlsaStatus.FAILED, detail="SERVFAIL")
 NOT_LOOKED_UP = TlsaFacts(TlsaStatus.NOT_LOOKED_UP)
+UNVERIFIABLE = TlsaFacts(
+    TlsaStatus.UNVERIFIABLE, base=MX, detail="DNSSEC unverifiable: resolver 127.0.0.1:53"
+)
 
 ENFORCE = StsPolicy(StsMode.ENFORCE, (MX, "*.provider.test"), 86400)
 TESTING = StsPolicy(StsMode.TESTING, (MX, "*.provider.test"), 86400)
@@ -452,6 +455,14 @@ def test_decide_host(decided: TransportPolicy, host: str, tlsa: TlsaFacts, want:
             id="dane-only, DANE disabled or resolver untrusted",
         ),
         pytest.param(
+            policy(local(TlsLevel.DANE)), MX, UNVERIFIABLE, "dnssec-invalid",
+            id="local dane, the resolver fails the DNSSEC probe",
+        ),
+        pytest.param(
+            policy(local(TlsLevel.DANE_ONLY)), MX, UNVERIFIABLE, "dnssec-invalid",
+            id="local dane-only, the resolver fails the DNSSEC probe",
+        ),
+        pytest.param(
             policy(facts=sts(ENFORCE)), ROGUE, ABSENT, "validation-failure",
             id="sts enforce, host not in mx",
         ),
@@ -484,6 +495,7 @@ FACTS = {
     TlsaStatus.INSECURE: INSECURE,
     TlsaStatus.FAILED: FAILED,
     TlsaStatus.NOT_LOOKED_UP: NOT_LOOKED_UP,
+    TlsaStatus.UNVERIFIABLE: UNVERIFIABLE,
 }
 STS_FACTS = [NO_STS, sts(ENFORCE), sts(ENFORCE, "cached"), sts(TESTING), sts(MODE_NONE)]
 
@@ -513,6 +525,8 @@ def test_without_a_local_policy_nothing_downgrades(
     assert got.level >= default  # only DANE (above) may replace the default's check
     if status is TlsaStatus.UNUSABLE:
         assert got.level >= TlsLevel.ENCRYPT
+    if status is TlsaStatus.UNVERIFIABLE:  # the decision says DANE was not checked
+        assert "DNSSEC unverifiable, DANE not checked" in got.why
     if enforce:
         assert (got.check.kind, got.report_only) == ("pkix", False)
     if default in (TlsLevel.VERIFY, TlsLevel.SECURE):
@@ -520,3 +534,11 @@ def test_without_a_local_policy_nothing_downgrades(
     if got.report_only:
         assert decided.source is PolicySource.MTA_STS_TESTING
         assert got.check.kind == "pkix"
+
+
+def test_dane_why_names_the_tlsa_owner_for_the_port_in_use() -> None:
+    """``outbound.port`` 2525: the records are at ``_2525._tcp``, and the words say so."""
+    facts = TlsaFacts(TlsaStatus.USABLE, (EE,), base=MX, name=f"_2525._tcp.{MX}")
+    got = decide_host(policy(), MX, facts, trust=TRUST)
+    assert f"at _2525._tcp.{MX} " in got.why
+    assert "_25._tcp" not in got.why
