@@ -37,7 +37,7 @@ from mta.policy.sts_cache import StsCache, StsResolver
 from mta.policy.sts_fetch import StsFetcher
 from mta.policy.verify import TrustStore, load_trust_store
 from mta.receive.auth import PasswordFile
-from mta.receive.server import start_listeners
+from mta.receive.server import Sessions, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context
 from mta.schedule.scheduler import Scheduler
 from mta.spool import keycheck
@@ -208,10 +208,13 @@ class Relay:
     agent: DeliveryAgent
     tasks: list[asyncio.Task[None]]
     spool_lock: int = -1  # the descriptor holding the spool's flock, released at close
+    sessions: Sessions | None = None  # the inbound sessions: told 421 4.3.2 at close
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         for server in self.servers:
             server.close()
+        if self.sessions is not None:
+            await self.sessions.shut_down()
         await self.scheduler.stop(grace)
         for task in self.tasks:
             task.cancel()
@@ -341,7 +344,8 @@ async def _start(config: Config) -> Relay:
     if destinations.dnssec is not None:
         tasks.append(asyncio.create_task(destinations.dnssec.run(), name="dnssec-probe"))
     authenticator = passwords.authenticator if passwords else None
-    servers = await start_listeners(config, accept, tls_for, authenticator, hostname)
+    sessions = Sessions(config.limits)
+    servers = await start_listeners(config, accept, tls_for, authenticator, hostname, sessions)
 
     async def rewrap() -> str:
         done = await store.rewrap()
@@ -375,7 +379,7 @@ async def _start(config: Config) -> Relay:
             "default_level": config.outbound.default_level.label,
         },
     )
-    return Relay(store, scheduler, servers, control, destinations, agent, tasks)
+    return Relay(store, scheduler, servers, control, destinations, agent, tasks, sessions=sessions)
 
 
 async def serve(config: Config) -> None:

@@ -124,6 +124,11 @@ class LimitsConfig:
     errors: int = 20  # error replies in one session, then 421 and disconnect
     auth_failures: int = 5  # failed AUTH per client address within auth_failure_window...
     auth_failure_window: float = 300.0  # ...then AUTH gets 421 until the window has passed
+    junk_commands: int = 100  # NOOP, RSET, VRFY... per accepted message, then 421 (Postfix)
+    stress_idle_timeout: float = 10.0  # idle_timeout while sessions are near `connections`
+    hop_count: int = 50  # Received:/Delivered-To: fields, ours included: 554 5.4.6 (Postfix)
+    header_size: int = 100 * 1024  # one header field, folded lines together: 552 5.3.4
+    header_section_size: int = 1024 * 1024  # the whole header section: 552 5.3.4
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +348,14 @@ def _required_path(table: _Table, name: str, home: Path, default: str) -> Path:
     return path
 
 
+def _positive_size(table: _Table, name: str, default: int) -> int:
+    value = table.convert(name, str, default, parse_size)
+    assert isinstance(value, int)
+    if value <= 0:
+        raise table.error(name, "expected a positive size")
+    return value
+
+
 def _duration(table: _Table, name: str, default: float) -> float:
     value = table.convert(name, str, default, parse_duration)
     assert isinstance(value, float)
@@ -527,6 +540,11 @@ def validate(
         errors=_positive(limits_t, "errors", int, 20),
         auth_failures=_positive(limits_t, "auth_failures", int, 5),
         auth_failure_window=_duration(limits_t, "auth_failure_window", 300.0),
+        junk_commands=_positive(limits_t, "junk_commands", int, 100),
+        stress_idle_timeout=_duration(limits_t, "stress_idle_timeout", 10.0),
+        hop_count=_positive(limits_t, "hop_count", int, 50),
+        header_size=_positive_size(limits_t, "header_size", 100 * 1024),
+        header_section_size=_positive_size(limits_t, "header_section_size", 1024 * 1024),
     )
     limits_t.done()
 

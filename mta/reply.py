@@ -45,5 +45,8 @@ S530_AUTH_REQUIRED = SmtpReply(530, "5.7.0", "Authentication required")
 S550_BARE_LINE_ENDING = SmtpReply(
     550, "5.5.2", "Message contains bare CR or LF; line endings must be CRLF"
 )
+S550_NUL_CHARACTER = SmtpReply(550, "5.6.0", "Message contains NUL characters")
 S552_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed limit")
+S552_HEADER_TOO_BIG = SmtpReply(552, "5.3.4", "Message header too big")
+S554_TOO_MANY_HOPS = SmtpReply(554, "5.4.6", "Too many hops")
 S554_RELAY_DENIED = SmtpReply(554, "5.7.1", "Relay access denied")

@@ -8,10 +8,27 @@ whole stream, bare endings included, which the handler then refuses), a line sta
 with a dot loses that dot, a line longer than ``line_limit`` octets (with its CRLF and
 any transparency dot) makes the message too long, more than ``size_limit`` octets too
 big. Past a limit the data is still read to its end, but no longer kept.
+
+``refusal`` then judges the message itself, with bytes methods and regular expressions
+over the header section only (never a Python step per line or byte of the body):
+
+- a NUL anywhere (``550 5.6.0``): a next hop that drops NULs would read
+  ``<CR><LF><NUL>.<CR><LF>`` as the end of the data and run what follows as commands
+  (smtpsmug's ``nullbefore``);
+- a header section over ``header_section_size`` octets, or one header field (its folded
+  lines together) over ``header_size`` (Postfix's ``header_size_limit``): ``552 5.3.4``;
+- ``hop_count`` or more ``Received:`` and ``Delivered-To:`` fields, counting the one we
+  add (Postfix's ``hopcount_limit``): ``554 5.4.6``, a mail loop.
+
+The header section ends at the first line that is neither a field (``name:``) nor the
+continuation of one: the empty line, or a body that starts without one (as Postfix's
+cleanup reads it).
 """
 
 from __future__ import annotations
 
+import enum
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -19,6 +36,52 @@ from mta.crlf import CRLF
 
 END: Final = b"\r\n.\r\n"
 _CRLF: Final = CRLF
+_NOT_A_FIELD: Final = rb"(?![ \t]|[!-9;-~]+[ \t]*:)"  # neither a continuation nor "name:"
+_FIRST_NOT_A_FIELD: Final = re.compile(rb"(?![!-9;-~]+[ \t]*:)")
+_SECTION_END: Final = re.compile(rb"\r\n" + _NOT_A_FIELD)
+_FIELD_START: Final = re.compile(rb"\r\n(?![ \t])")
+_HOP: Final = re.compile(rb"\n(?:received|delivered-to)[ \t]*:")  # in a lower-cased copy
+
+
+class Refusal(enum.Enum):
+    """Why a whole message is refused at the end of DATA (see ``refusal``)."""
+
+    NUL = "nul-character"
+    HEADER_TOO_BIG = "header-too-big"
+    TOO_MANY_HOPS = "too-many-hops"
+
+
+def header_section_end(body: bytes) -> int:
+    """Octets of ``body`` before its first line that is not a header field or its
+    continuation (the CRLF ending the last field included)."""
+    if _FIRST_NOT_A_FIELD.match(body):
+        return 0
+    end = _SECTION_END.search(body)
+    return len(body) if end is None else end.start() + len(_CRLF)
+
+
+def refusal(
+    body: bytes, *, header_size: int, header_section_size: int, hop_count: int
+) -> Refusal | None:
+    """Why ``body`` (the message as the client meant it) must be refused; None if not.
+
+    Parameters:
+        header_size: most octets in one header field, its folded lines together.
+        header_section_size: most octets in the header section.
+        hop_count: the ``Received:``/``Delivered-To:`` count that is refused, the
+            ``Received:`` we add counted (Postfix: ``++hops >= hopcount_limit``).
+    """
+    if b"\0" in body:
+        return Refusal.NUL
+    end = header_section_end(body)
+    if end > header_section_size:
+        return Refusal.HEADER_TOO_BIG
+    section = body[:end]
+    if end > header_size and max(map(len, _FIELD_START.split(section))) > header_size:
+        return Refusal.HEADER_TOO_BIG
+    if len(_HOP.findall(b"\n" + section.lower())) + 1 >= hop_count:
+        return Refusal.TOO_MANY_HOPS
+    return None
 
 
 def has_long_line(data: bytes, limit: int) -> bool:

@@ -6,7 +6,10 @@ get around a limit by trying another port; each session keeps its own ``ErrorBud
 
 - ``ConnectionGate``: sessions at once, in total (``limits.connections``) and per client
   (``limits.connections_per_client``, Postfix's ``smtpd_client_connection_count_limit``);
-  beyond either, the connection gets ``421 4.7.0`` instead of a greeting.
+  beyond either, the connection gets ``421 4.7.0`` instead of a greeting. It also says
+  when the relay is under stress (Postfix's stress mode): from ``STRESS_ENTER`` of
+  ``total`` sessions until they are back under ``STRESS_LEAVE`` (two thresholds, so a
+  count that hovers at one does not flip the mode, and its log line, back and forth).
 - ``AuthFailures``: failed AUTH attempts per client within a sliding window
   (``limits.auth_failures`` per ``limits.auth_failure_window``); once a client has used
   them up, AUTH gets ``421 4.7.0`` until its oldest failure leaves the window. The table
@@ -31,6 +34,8 @@ from collections import deque
 from typing import Final
 
 IPV6_PREFIX: Final = 84
+STRESS_ENTER: Final = 0.9  # share of limits.connections in use that starts stress mode
+STRESS_LEAVE: Final = 0.8  # ...and the share below which it ends
 RCPT_OVERSHOOT: Final = 1000
 MAX_AUTH_CLIENTS: Final = 10_000
 
@@ -62,6 +67,16 @@ class ConnectionGate:
         self.total, self.per_client = total, per_client
         self._open: dict[str, int] = {}
         self._count = 0
+        self.stressed = False
+
+    def stress_changed(self) -> bool:
+        """Update ``stressed`` from the count; True if it has just changed."""
+        if self.stressed:
+            stressed = self._count >= self.total * STRESS_LEAVE
+        else:
+            stressed = self._count >= self.total * STRESS_ENTER
+        changed, self.stressed = stressed != self.stressed, stressed
+        return changed
 
     def admit(self, client: str) -> str | None:
         """Count a new session from ``client``; None when admitted, else why not.

@@ -18,6 +18,12 @@ Hostile input, and the reply each limit gives (``limits.*`` in the policy):
   closed, as Postfix's ``smtpd_forbid_bare_newline = reject`` does: a relay that took
   such lines as commands could be steered by the same ambiguity SMTP smuggling uses.
   (Bare CR or LF inside DATA is the handler's business: ``550 5.5.2``, session goes on.)
+  A NUL in a command line is refused the same way (``521 5.5.2 ... <NUL> received``).
+- The message itself (``receive.data.refusal``), at the end of DATA, nothing stored and
+  the session going on: a NUL anywhere ``550 5.6.0``; a header field over
+  ``limits.header_size`` or a header section over ``limits.header_section_size``
+  ``552 5.3.4``; ``limits.hop_count`` ``Received:``/``Delivered-To:`` fields (ours
+  counted) ``554 5.4.6``.
 - Commands pipelined after STARTTLS are discarded with the plaintext buffer when TLS
   starts (aiosmtpd >= 1.4.6, CVE-2024-34083); we log that they were there.
 - Line lengths (RFC 5321 §4.5.3.1.4, §4.5.3.1.6): a command line over 512 octets
@@ -33,6 +39,21 @@ Hostile input, and the reply each limit gives (``limits.*`` in the policy):
 - Time: ``limits.idle_timeout`` to send each command; ``limits.data_timeout`` for the
   whole message after ``354``, however slowly it trickles in. Either runs out:
   ``421 4.4.2 <host> Error: timeout exceeded`` and the connection is dropped.
+- Junk: more than ``limits.junk_commands`` NOOP, RSET, VRFY, HELP, HELO or EHLO
+  since the last accepted message (Postfix's ``smtpd_junk_command_limit``) get ``421
+  4.7.0 <host> Error: too many junk commands`` and disconnect: a client cannot hold a
+  slot for ever by sending something harmless now and then.
+- Stress: while ``limits.connections`` is nearly used up (``limits.STRESS_ENTER``), every
+  idle session gets ``limits.stress_idle_timeout`` instead of ``limits.idle_timeout``
+  (Postfix's stress mode), logged once on entering and once on leaving.
+- Unread replies: replies held back for pipelining are sent once they reach
+  ``HELD_REPLIES`` octets, and a session whose client does not read them stops reading
+  its commands until the transport's buffer drains (back-pressure); if it has not
+  within ``limits.idle_timeout`` of the last command, the session is dropped (Postfix's
+  ``smtpd_timeout`` covers writes too). Memory per session stays bounded.
+- Shutdown: every session gets ``421 4.3.2 Service shutting down`` and is closed; a
+  message in the middle of DATA is dropped (nothing of it is kept), one being stored is
+  stored and acknowledged first.
 - AUTH: after ``limits.auth_failures`` failures from one client address within
   ``limits.auth_failure_window``, AUTH from it gets ``421 4.7.0`` (and disconnect),
   right password or not, until the oldest failure leaves the window.
@@ -50,21 +71,33 @@ sessions drop aiosmtpd's deprecated ``login_data`` (a warning per AUTH otherwise
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
-from mta.receive.data import DataStream
+from mta.receive.data import DataStream, Refusal
+from mta.receive.data import refusal as message_refusal
 from mta.receive.handler import Accept, RelayHandler, hook_names, peer_ip
 from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
-from mta.reply import S501_BAD_ADDRESS, S503_NEED_RCPT, S530_STARTTLS_FIRST, S552_TOO_BIG
+from mta.reply import (
+    S421_SHUTTING_DOWN,
+    S501_BAD_ADDRESS,
+    S503_NEED_RCPT,
+    S530_STARTTLS_FIRST,
+    S550_NUL_CHARACTER,
+    S552_HEADER_TOO_BIG,
+    S552_TOO_BIG,
+    S554_TOO_MANY_HOPS,
+    SmtpReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +109,13 @@ IDENT: Final = "ESMTP mta"
 DATA_CHUNK: Final = 64 * 1024  # octets read at a time in DATA
 COMMAND_LINE: Final = 512  # octets, CRLF not counted (RFC 5321 §4.5.3.1.4)
 SIZE_PARAMETER: Final = 26  # " SIZE=" and up to 20 digits: MAIL may be this much longer (RFC 1870)
+HELD_REPLIES: Final = 4096  # octets of replies held back for pipelining, at most (_send)
+STORE_GRACE: Final = 10.0  # seconds a message being stored may take at shutdown
+_REFUSED: Final[dict[Refusal, SmtpReply]] = {
+    Refusal.NUL: S550_NUL_CHARACTER,
+    Refusal.HEADER_TOO_BIG: S552_HEADER_TOO_BIG,
+    Refusal.TOO_MANY_HOPS: S554_TOO_MANY_HOPS,
+}
 
 # aiosmtpd's own replies that we word differently (code or enhanced code).
 _REWRITE: Final = {
@@ -126,16 +166,31 @@ def enhance(reply: str, *, hostname: str) -> str:
     return f"{match.group(1)} {enhanced} {match.group(2)}" if enhanced else reply
 
 
-class BareLineEnding(Exception):
+class ForbiddenInCommand(Exception):
+    """A command line holding what none may; ``said``: what the 521 reply names."""
+
+    def __init__(self, said: str) -> None:
+        super().__init__(f"{said} in a command line")
+        self.said = said
+
+
+class BareLineEnding(ForbiddenInCommand):
     """A command line ended by a bare LF, or holding a CR that no LF follows."""
 
     def __init__(self, what: str) -> None:
-        super().__init__(f"bare {what} in a command line")
+        super().__init__(f"bare {what}")
         self.what = what
 
 
+class NulInCommand(ForbiddenInCommand):
+    """A command line holding a NUL: a hop that drops NULs would read another command."""
+
+    def __init__(self) -> None:
+        super().__init__("<NUL>")
+
+
 class _CommandLineReader(asyncio.StreamReader):
-    """aiosmtpd's stream, but a command line must end in CRLF and hold no other CR.
+    """aiosmtpd's stream, but a command line must end in CRLF and hold no other CR, nor NUL.
 
     aiosmtpd reads command lines (and AUTH continuation lines) with the default
     separator, a bare LF, and DATA lines with CRLF; only the former are checked here.
@@ -158,6 +213,8 @@ class _CommandLineReader(asyncio.StreamReader):
                 raise BareLineEnding("<LF>")
             if b"\r" in line[:-2]:
                 raise BareLineEnding("<CR>")
+            if b"\0" in line:
+                raise NulInCommand()
         return line
 
     def buffered(self) -> int:
@@ -197,11 +254,26 @@ class _Session(Session):
         pass
 
 
+def _junk_command(
+    command: Callable[[SMTP, str], Awaitable[Any]],
+) -> Callable[[RelaySMTP, str], Coroutine[Any, Any, Any]]:
+    """aiosmtpd's ``command``, counted as junk first (``RelaySMTP._count_junk``); its
+    ``@syntax`` attributes (read by HELP) are kept."""
+
+    @functools.wraps(command)
+    async def counted(self: RelaySMTP, arg: str) -> None:
+        if await self._count_junk():
+            await command(self, arg)
+
+    return counted
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP protocol with the adaptations above.
 
     Parameters:
         implicit_tls: the transport is TLS from the start (an smtps listener).
+        sessions: every listener's live sessions (connection limits, stress, shutdown).
     """
 
     def __init__(
@@ -211,7 +283,7 @@ class RelaySMTP(SMTP):
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
         limits: LimitsConfig | None = None,
-        gate: ConnectionGate | None = None,
+        sessions: Sessions | None = None,
         auth_failures: AuthFailures | None = None,
         **kwargs: Any,
     ):
@@ -232,13 +304,17 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.rcpt_argument: str | None = None
         self.limits = limits or LimitsConfig()
-        self.gate = gate
+        self.sessions = sessions
         self.auth_failures = auth_failures
         self.errors = ErrorBudget(self.limits.errors)
         self._held: list[str] = []  # replies to pipelined commands, not sent yet (_send)
+        self._held_size = 0  # their octets, line ends included
+        self._junk = 0  # junk commands since the last accepted message (_count_junk)
+        self._idle_since: float | None = None  # the idle timer's start; None while in DATA
+        self.storing = False  # the handler is storing a message: let it finish at shutdown
         self.client = ""  # the peer's address, once connected
         self._connected = False
-        self._admitted = False  # counted by the gate: release once
+        self._admitted = False  # counted by ``sessions``: release once
         self._refused = False  # turned away at connect: aiosmtpd never saw the connection
 
     # aiosmtpd calls its authenticator synchronously, on the event loop; a scrypt check
@@ -293,7 +369,7 @@ class RelaySMTP(SMTP):
         if not self._connected:  # the connection itself, not the TLS layer after STARTTLS
             self._connected = True
             self.client = peer_ip(transport.get_extra_info("peername"))
-            refusal = self.gate.admit(self.client) if self.gate is not None else None
+            refusal = self.sessions.admit(self) if self.sessions is not None else None
             if refusal is not None:
                 self._refused = True
                 log.warning(
@@ -304,15 +380,15 @@ class RelaySMTP(SMTP):
                 )
                 transport.close()
                 return
-            self._admitted = self.gate is not None
+            self._admitted = self.sessions is not None
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
-        if self._admitted and self.gate is not None:
+        if self._admitted and self.sessions is not None:
             self._admitted = False
-            self.gate.release(self.client)
+            self.sessions.release(self)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -353,14 +429,25 @@ class RelaySMTP(SMTP):
         one) wait for its last line. Replies that change the connection (220 before TLS,
         221, 354, 421, 521) always go out at once, with whatever was held. ``None``: only
         flush.
+
+        Held replies go out anyway once they reach ``HELD_REPLIES`` octets, and sending
+        waits for the transport to drain (aiosmtpd's ``push``): a client that pipelines
+        without reading stops being read, instead of piling up replies in memory.
         """
         reader = self._reader
         pending = isinstance(reader, _CommandLineReader) and reader.has_line()
         continued = reply is not None and reply[3:4] == "-"  # its last line is still to come
         if reply is not None and (continued or (pending and not reply.startswith(_SAID_AT_ONCE))):
             self._held.append(reply)
-            return
-        lines, self._held = [*self._held, *([] if reply is None else [reply])], []
+            self._held_size += len(reply) + 2
+            if self._held_size < HELD_REPLIES:
+                return
+            reply = None
+        lines, self._held, self._held_size = (
+            [*self._held, *([] if reply is None else [reply])],
+            [],
+            0,
+        )
         if lines:
             await super().push("\r\n".join(lines))
 
@@ -374,11 +461,13 @@ class RelaySMTP(SMTP):
         await asyncio.sleep(0)  # inside the session task, the cancellation lands here
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, BareLineEnding):
+        if isinstance(error, ForbiddenInCommand):
+            event = "receive.nul_character" if isinstance(error, NulInCommand) else None
             log.warning(
-                "receive.bare_line_ending", extra={"client": self.client, "where": "command"}
+                event or "receive.bare_line_ending",
+                extra={"client": self.client, "where": "command"},
             )
-            return f"521 5.5.2 {self.hostname} Error: bare {error.what} received"
+            return f"521 5.5.2 {self.hostname} Error: {error.said} received"
         status: str = await super().handle_exception(error)
         return status
 
@@ -393,6 +482,58 @@ class RelaySMTP(SMTP):
         if not transport.is_closing():
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         transport.abort()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's timer; without ``duration``, the idle timeout (shorter under stress)."""
+        if duration is None:
+            self._idle_since = self.loop.time()
+            if self.sessions is not None:
+                duration = self.sessions.idle_timeout
+            else:
+                duration = self.limits.idle_timeout
+        else:
+            self._idle_since = None
+        super()._reset_timeout(duration)
+
+    def tighten(self, idle_timeout: float) -> None:
+        """Make an idle session's timer run out ``idle_timeout`` after its last command,
+        if that is sooner (stress: the slots are needed)."""
+        handle = self._timeout_handle
+        if self._idle_since is None or handle is None or self.transport is None:
+            return  # in DATA (its deadline stands), or not connected
+        deadline = self._idle_since + idle_timeout
+        if deadline < handle.when():
+            handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
+    def shut_down(self) -> None:
+        """Say ``421 4.3.2`` (after any replies held back), end the session task and
+        close: the relay is stopping. Whatever DATA had come in is dropped unstored."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is None or transport.is_closing():
+            return
+        lines, self._held, self._held_size = [*self._held, str(S421_SHUTTING_DOWN)], [], 0
+        transport.write(("\r\n".join(lines) + "\r\n").encode())
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        transport.close()
+
+    async def _count_junk(self) -> bool:
+        """Count a command that moves no mail; False (after ``421``, hanging up) once
+        there were more than ``limits.junk_commands`` since the last accepted message."""
+        self._junk += 1
+        if self._junk <= self.limits.junk_commands:
+            return True
+        log.warning("receive.too_many_junk_commands", extra={"client": self.client})
+        await self.push(f"421 4.7.0 {self.hostname} Error: too many junk commands")
+        return False
+
+    smtp_NOOP = _junk_command(SMTP.smtp_NOOP)
+    smtp_RSET = _junk_command(SMTP.smtp_RSET)
+    smtp_VRFY = _junk_command(SMTP.smtp_VRFY)
+    smtp_HELP = _junk_command(SMTP.smtp_HELP)
+    smtp_HELO = _junk_command(SMTP.smtp_HELO)
+    smtp_EHLO = _junk_command(SMTP.smtp_EHLO)
 
     async def smtp_QUIT(self, arg: str) -> None:
         await super().smtp_QUIT(arg)
@@ -435,10 +576,34 @@ class RelaySMTP(SMTP):
             await self.push(too_long if stream.too_long else "552 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
+        limits = self.limits
+        refused = message_refusal(
+            stream.content,
+            header_size=limits.header_size,
+            header_section_size=limits.header_section_size,
+            hop_count=limits.hop_count,
+        )
+        if refused is not None:
+            log.warning(
+                "receive.message_refused",
+                extra={"client": self.client, "why": refused.value, "size": len(stream.content)},
+            )
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(_REFUSED[refused]))
+            return
         self.envelope.content = self.envelope.original_content = stream.content
-        status = await self._call_handler_hook("DATA")
+        self.storing = True
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.storing = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        reply = "250 OK" if status is MISSING else str(status)
+        if reply.startswith("250"):
+            self._junk = 0  # Postfix forgives junk commands once a message is accepted
+        await self.push(reply)
+        if self.sessions is not None and self.sessions.closing:
+            await self.push(str(S421_SHUTTING_DOWN))
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -521,6 +686,70 @@ class RelaySMTP(SMTP):
             self.rcpt_argument = None
 
 
+class Sessions:
+    """Every listener's live sessions: the connection limits, stress mode, shutdown.
+
+    Parameters:
+        limits: ``connections``, ``connections_per_client``, ``idle_timeout`` and
+            ``stress_idle_timeout``.
+    """
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self.gate = ConnectionGate(limits.connections, limits.connections_per_client)
+        self.live: set[RelaySMTP] = set()
+        self.closing = False  # shutting down: a session that stores a message then ends
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds an idle session is given now (shorter under stress)."""
+        if self.gate.stressed:
+            return min(self.limits.idle_timeout, self.limits.stress_idle_timeout)
+        return self.limits.idle_timeout
+
+    def admit(self, session: RelaySMTP) -> str | None:
+        """Count a new session; None when admitted (then ``release`` it once), else why not."""
+        refusal = self.gate.admit(session.client)
+        if refusal is None:
+            self.live.add(session)
+            self._check_stress()
+        return refusal
+
+    def release(self, session: RelaySMTP) -> None:
+        self.live.discard(session)
+        self.gate.release(session.client)
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        if not self.gate.stress_changed():
+            return
+        facts = {"sessions": self.gate.count, "limit": self.gate.total}
+        if self.gate.stressed:
+            log.warning("receive.stress.start", extra={**facts, "idle_s": self.idle_timeout})
+            for session in self.live:
+                session.tighten(self.idle_timeout)
+        else:
+            log.info("receive.stress.end", extra=facts)
+
+    async def shut_down(self, grace: float = STORE_GRACE) -> None:
+        """Tell every session ``421 4.3.2`` and end it. One storing a message is given
+        up to ``grace`` seconds to finish (and acknowledge it) first."""
+        self.closing = True
+        storing = []
+        for session in list(self.live):
+            if session.storing and session._handler_coroutine is not None:
+                storing.append(session._handler_coroutine)
+            else:
+                session.shut_down()
+        if storing:
+            await asyncio.wait(storing, timeout=grace)
+        for session in list(self.live):
+            session.shut_down()
+        if self.live:
+            log.info("receive.sessions_closed", extra={"sessions": len(self.live)})
+        await asyncio.sleep(0)  # let the transports write what they were given
+
+
 def _protocol_factory(
     config: Config,
     listener: ListenerConfig,
@@ -528,7 +757,7 @@ def _protocol_factory(
     context: ssl.SSLContext,
     authenticator: Authenticator | None,
     hostname: str,
-    gate: ConnectionGate,
+    sessions: Sessions,
     auth_failures: AuthFailures,
 ) -> Callable[[], RelaySMTP]:
     implicit = listener.mode == "smtps"
@@ -551,7 +780,7 @@ def _protocol_factory(
             auth_required=submission,
             authenticator=authenticator,
             limits=config.limits,
-            gate=gate,
+            sessions=sessions,
             auth_failures=auth_failures,
             loop=asyncio.get_running_loop(),
         )
@@ -565,6 +794,7 @@ async def start_listeners(
     tls_for: Callable[[ListenerConfig], ssl.SSLContext],
     authenticator: Authenticator | None,
     hostname: str,
+    sessions: Sessions | None = None,
 ) -> list[asyncio.Server]:
     """Start one server per configured listener; return them once all accept connections.
 
@@ -574,6 +804,8 @@ async def start_listeners(
         tls_for: the server TLS context for a listener.
         authenticator: checks AUTH credentials; None means AUTH is not offered.
         hostname: our name in the banner, EHLO and ``Received:``.
+        sessions: where the sessions are kept; the caller's, to ``shut_down`` them when
+            the relay stops (default: a new one, from ``config.limits``).
 
     A listener that cannot bind raises ``ConfigError`` naming it; any already started
     are closed first.
@@ -581,7 +813,7 @@ async def start_listeners(
     loop = asyncio.get_running_loop()
     servers: list[asyncio.Server] = []
     # One count for every listener: another port is no way around a limit.
-    gate = ConnectionGate(config.limits.connections, config.limits.connections_per_client)
+    sessions = sessions if sessions is not None else Sessions(config.limits)
     auth_failures = AuthFailures(config.limits.auth_failures, config.limits.auth_failure_window)
     try:
         for index, listener in enumerate(config.listeners):
@@ -592,7 +824,7 @@ async def start_listeners(
             context = tls_for(listener)
             handler = RelayHandler(config, listener, accept, hostname)
             factory = _protocol_factory(
-                config, listener, handler, context, authenticator, hostname, gate, auth_failures
+                config, listener, handler, context, authenticator, hostname, sessions, auth_failures
             )
             try:
                 server = await loop.create_server(

@@ -18,8 +18,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import pytest
 import trustme
@@ -27,13 +29,14 @@ import trustme
 from mta.config import Config, parse_text
 from mta.model import Envelope, QueueId
 from mta.receive.auth import PasswordFile, add_user
-from mta.receive.server import Authenticator, start_listeners
+from mta.receive.server import Authenticator, Sessions, start_listeners
 from mta.receive.tls import server_context
 
 HOST = "127.0.0.1"
 TRUSTED = "127.0.0.2"  # the only relay.networks entry in these tests
 TIMEOUT = 10.0
 USER, PASSWORD = "alice", "correct horse battery"
+T = TypeVar("T")
 
 
 class Recorder:
@@ -65,6 +68,7 @@ class Relay:
         self.config, self.accept, self.context = config, accept, context
         self.authenticator = authenticator
         self.ports: list[int] = []
+        self.sessions = Sessions(config.limits)  # the live sessions (read them with ``call``)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,7 +80,12 @@ class Relay:
         self._stop = asyncio.Event()
         try:
             servers = await start_listeners(
-                self.config, self.accept, lambda _l: self.context, self.authenticator, "mx.test"
+                self.config,
+                self.accept,
+                lambda _l: self.context,
+                self.authenticator,
+                "mx.test",
+                self.sessions,
             )
         except BaseException as err:
             self._error = err
@@ -107,6 +116,15 @@ class Relay:
     def port(self) -> int:
         return self.ports[0]
 
+    def call(self, function: Callable[[], T]) -> T:
+        """``function()`` run on the relay's event loop (its sessions live there)."""
+        assert self._loop is not None
+
+        async def run() -> T:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(TIMEOUT)
+
     def client(self, source: str = HOST) -> smtplib.SMTP:
         return smtplib.SMTP(
             HOST,
@@ -134,8 +152,8 @@ address = "{HOST}"
 networks = ["{TRUSTED}/32"]
 local_domains = ["local.test"]
 [limits]
-message_size = "64k"
 {limits}
+{"" if "message_size" in limits else 'message_size = "64k"'}
 """
     if auth:
         text += '[auth]\npassword_file = "passwd"\n'

@@ -13,6 +13,8 @@ right password, from that address only.
 from __future__ import annotations
 
 import base64
+import logging
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from mta.errors import SpoolFull
+from mta.receive.server import HELD_REPLIES
 from tests.integration.inbound import (
     HOST,
     PASSWORD,
@@ -29,7 +32,9 @@ from tests.integration.inbound import (
     Recorder,
     Relay,
     make_config,
+    wait_for_record,
 )
+from tests.integration.relayproc import RelayProcess, policy
 
 OTHER = "127.0.0.3"  # another client
 THIRD = "127.0.0.4"
@@ -269,3 +274,171 @@ def test_auth_failures_are_rate_limited_per_client(relay: Relay, ca_file: Path) 
         assert auth_plain(client, PASSWORD) == blocked
     with over_tls(relay, ca_file, OTHER) as client:  # another address is not affected
         assert auth_plain(client, PASSWORD).startswith("235")
+
+
+# --- hostile load: unread replies, junk commands, stress ---
+
+
+def _unsent(relay: Relay) -> int:
+    """Octets the relay holds for its sessions' clients: held replies and the transport's
+    write buffer (run on the relay's loop)."""
+
+    def count() -> int:
+        total = 0
+        for session in relay.sessions.live:
+            if session.transport is not None:
+                total += session.transport.get_write_buffer_size()
+            total += sum(len(reply) + 2 for reply in session._held)
+        return total
+
+    return relay.call(count)
+
+
+def _read_to_the_end(client: socket.socket) -> None:
+    while client.recv(1 << 16):
+        pass
+
+
+@with_limits('idle_timeout = "1.5s"\njunk_commands = 1000000')
+def test_a_client_that_never_reads_is_not_buffered_for(relay: Relay) -> None:
+    """50,000 pipelined NOOPs and not one reply read: the relay holds at most its
+    transport's high-water mark (64 KiB) and a few KiB of replies for the client, stops
+    executing its commands while they wait (back-pressure), and drops it at the idle
+    (write) timeout. Before, every reply to a batch of pipelined commands was held and
+    then written at once, however much the client left unread."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing anyway
+    client.connect((HOST, relay.port))
+    client.settimeout(TIMEOUT)
+    assert client.recv(100).startswith(b"220 mx.test")  # the session exists
+
+    def shrink() -> None:  # the replies must pile up in the relay, not in the kernel
+        for session in relay.sessions.live:
+            assert session.transport is not None
+            sock = session.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    relay.call(shrink)
+    client.sendall(b"NOOP\r\n" * 50_000)
+    sent, peak = time.monotonic(), 0
+    while relay.call(lambda: len(relay.sessions.live)) and time.monotonic() < sent + 10:
+        peak = max(peak, _unsent(relay))
+        time.sleep(0.002)
+    gone = time.monotonic() - sent
+    assert 0 < peak <= 64 * 1024 + HELD_REPLIES + 1024
+    with pytest.raises(ConnectionResetError):  # dropped, not closed in good order
+        _read_to_the_end(client)
+    client.close()
+    assert gone < 1.5 + 3  # dropped at the idle timeout after the last command it ran
+
+
+@with_limits("junk_commands = 5")
+def test_junk_commands_are_counted_until_a_message_is_accepted(relay: Relay) -> None:
+    """Postfix's smtpd_junk_command_limit: EHLO, NOOP, RSET, VRFY, HELP count; an accepted
+    message forgives them; one more than the limit is ``421 4.7.0`` and the end."""
+    with greeted(relay) as client:  # EHLO: 1
+        for command in ("NOOP", "RSET", "VRFY <b@local.test>"):
+            assert client.command(command).startswith(("250", "252"))
+        assert client.command("HELP").startswith("250")  # 5
+        start_transaction(client)
+        client.send(MESSAGE)
+        assert client.reply().startswith("250 2.0.0 Ok: queued")
+        for _ in range(5):
+            assert client.command("NOOP") == "250 2.0.0 OK"
+        client.send(b"NOOP\r\nMAIL FROM:<a@example.test>\r\n")
+        assert client.reply() == "421 4.7.0 mx.test Error: too many junk commands"
+        assert client.rest() == b""  # the MAIL pipelined after it never ran
+    assert len(relay.accept.calls) == 1
+
+
+@with_limits('connections = 10\nidle_timeout = "30s"\nstress_idle_timeout = "0.5s"')
+def test_under_stress_idle_sessions_get_the_short_timeout(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nine sessions of ten: stress mode. Idle ones, even those idle since before, are cut
+    off after ``stress_idle_timeout``; once the count is back down, the normal one holds."""
+    caplog.set_level(logging.INFO)
+    first = greeted(relay)
+    others = [greeted(relay, source=f"127.0.0.{10 + n}") for n in range(8)]
+    started = time.monotonic()
+    with first:
+        assert first.reply() == "421 4.4.2 mx.test Error: timeout exceeded"
+    assert time.monotonic() - started < 3
+    for client in others:
+        with client:
+            assert client.reply() == "421 4.4.2 mx.test Error: timeout exceeded"
+    wait_for_record(caplog, "receive.stress.end")
+    with greeted(relay) as calm:
+        assert calm.pending(1.5) == b""  # 30 s now
+        assert calm.command("NOOP") == "250 2.0.0 OK"
+    starts = [r for r in caplog.records if r.getMessage() == "receive.stress.start"]
+    assert len(starts) == 1
+
+
+def hops(received: int, delivered_to: int = 0) -> bytes:
+    """A message that has passed ``received`` relays and ``delivered_to`` local deliveries."""
+    trace = b"".join(
+        b"Received: from hop%d.example (hop%d.example [192.0.2.%d])\r\n\tby mx; x\r\n" % (n, n, n)
+        for n in range(received)
+    )
+    trace += b"Delivered-To: x@local.test\r\n" * delivered_to
+    return trace + b"Subject: loop\r\n\r\nbody\r\n.\r\n"
+
+
+def test_a_looping_message_is_refused_at_the_hop_limit(relay: Relay) -> None:
+    """Postfix's hopcount_limit (50), our own Received: counted: 60 hops are ``554 5.4.6``
+    and nothing is stored; 48 (49 with ours) pass."""
+    with greeted(relay) as client:
+        start_transaction(client)
+        client.send(hops(60))
+        assert client.reply() == "554 5.4.6 Too many hops"
+        start_transaction(client)
+        client.send(hops(25, delivered_to=24))
+        assert client.reply() == "554 5.4.6 Too many hops"
+        start_transaction(client)
+        client.send(hops(48))
+        assert client.reply().startswith("250 2.0.0 Ok: queued as Q0001")
+    assert len(relay.accept.calls) == 1
+
+
+@with_limits('message_size = "16MiB"\ndata_timeout = "60s"')
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"".join(b"X-Filler-%06d: some header value\r\n" % n for n in range(100_000)),
+        b"X-Big: " + b"\r\n ".join([b"w" * 900] * 10_000) + b"\r\n",  # one 9 MB field
+    ],
+    ids=["100000-lines", "9MB-folded"],
+)
+def test_oversized_headers_are_refused(relay: Relay, header: bytes) -> None:
+    with greeted(relay) as client:
+        start_transaction(client)
+        client.send(header + b"Subject: big\r\n\r\nbody\r\n.\r\n")
+        assert client.reply() == "552 5.3.4 Message header too big"
+        assert client.command("NOOP") == "250 2.0.0 OK"  # the session goes on
+    assert relay.accept.attempts == 0
+
+
+# --- shutdown ---
+
+
+def test_shutdown_mid_data_says_421_and_keeps_nothing(tmp_path: Path) -> None:
+    """SIGTERM while a client is in the middle of DATA: it reads ``421 4.3.2`` (not a
+    silent hang-up) and the spool holds nothing of the half message."""
+    relay = RelayProcess(tmp_path, policy("[127.0.0.1]:9")).start()
+    try:
+        before = relay.spool_files()
+        with RawSmtp(relay.port) as client:
+            assert client.reply().startswith("220")
+            assert client.command("EHLO client.test").endswith("250 HELP")
+            assert client.command("MAIL FROM:<a@example.test>").startswith("250")
+            assert client.command("RCPT TO:<b@dest.test>").startswith("250")
+            assert client.command("DATA").startswith("354")
+            client.send(b"Subject: half\r\n\r\nthe first half of a message\r\n")
+            assert client.pending(0.3) == b""
+            assert relay.terminate() == 0
+            assert client.reply() == "421 4.3.2 Service shutting down"
+            assert client.rest() == b""
+        assert relay.spool_files() == before
+    finally:
+        relay.stop()

@@ -223,3 +223,36 @@ def test_outbound_data_has_one_end_whatever_the_content(sequence: bytes) -> None
     assert lines[-1] == b""
     assert all(b"\r" not in line and b"\n" not in line for line in lines)
     assert b"." not in lines  # no end of data inside it
+
+
+# --- NUL: a next hop that drops NULs would see an end of data (smtpsmug's nullbefore) ---
+
+NUL_SEQUENCES = {
+    "nullbefore": b"\r\n\x00.\r\n",
+    "nullafter": b"\r\n.\x00\r\n",
+    "null-in-line": b"\r\nline\x00\r\n",
+}
+
+
+@pytest.mark.parametrize("sequence", NUL_SEQUENCES.values(), ids=NUL_SEQUENCES.keys())
+def test_nul_in_data_is_refused_with_one_reply(relay: Relay, sequence: bytes) -> None:
+    with RawSmtp(relay.port) as client:
+        assert client.reply().startswith("220")
+        client.command("EHLO client.test")
+        start_transaction(client, "<b@local.test>")
+        client.send(smuggling(sequence, "local.test"))
+        assert client.reply() == "550 5.6.0 Message contains NUL characters"
+        assert client.pending(0.3) == b""  # no reply to any smuggled command
+        assert client.command("NOOP") == "250 2.0.0 OK"  # still in step
+    assert relay.accept.attempts == 0
+
+
+@pytest.mark.parametrize("line", [b"NOOP\x00\r\n", b"MAIL FROM:<a@example.test>\x00\r\n"])
+def test_nul_in_a_command_line_hangs_up(relay: Relay, line: bytes) -> None:
+    with RawSmtp(relay.port) as client:
+        assert client.reply().startswith("220")
+        client.command("EHLO client.test")
+        client.send(line + b"RCPT TO:<b@local.test>\r\nDATA\r\n")
+        assert client.reply() == "521 5.5.2 mx.test Error: <NUL> received"
+        assert client.rest() == b""
+    assert relay.accept.attempts == 0

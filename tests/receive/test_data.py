@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.receive.data import DataStream, has_long_line
+from mta.receive.data import DataStream, Refusal, has_long_line, header_section_end, refusal
 
 
 def reference(stream: bytes, size_limit: int, line_limit: int = 1001) -> tuple[str, bytes, bytes]:
@@ -90,3 +90,49 @@ def test_has_long_line_is_the_longest_split_line(data: bytes, limit: int) -> Non
     """The jumping search agrees with splitting at every CRLF and measuring each line."""
     longest = max(len(line) for line in data.split(b"\r\n")) + 2
     assert has_long_line(data, limit) == (longest > limit)
+
+
+# --- refusal: NUL, header limits, hops (the header section only) ---
+
+LIMITS = {"header_size": 100, "header_section_size": 1000, "hop_count": 5}
+
+
+@pytest.mark.parametrize(
+    ("body", "end"),
+    [
+        (b"A: 1\r\nB: 2\r\n\r\nbody\r\n", 12),
+        (b"A: 1\r\n folded\r\n\tagain\r\n\r\nbody\r\n", 23),
+        (b"A: 1\r\nnot a field\r\n", 6),  # a body that starts without an empty line
+        (b"body first\r\nA: 1\r\n", 0),
+        (b"\r\nA: 1\r\n", 0),
+        (b" A: 1\r\n", 0),  # a continuation of nothing
+        (b"A : 1\r\nB:2\r\n", 12),  # obsolete space before the colon; no body at all
+        (b"", 0),
+    ],
+)
+def test_header_section_end(body: bytes, end: int) -> None:
+    assert header_section_end(body) == end
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"Subject: x\r\n\r\nbody\r\n", None),
+        (b"Subject: x\r\n\r\n\x00.\r\nMAIL FROM:<a@b>\r\n", Refusal.NUL),
+        (b"Subject: \x00\r\n\r\n", Refusal.NUL),
+        (b"Received: a\r\n" * 3 + b"\r\nbody\r\n", None),  # 4 with ours
+        (b"Received: a\r\n" * 4 + b"\r\nbody\r\n", Refusal.TOO_MANY_HOPS),
+        (b"received : a\r\nDELIVERED-TO: b\r\n" * 2 + b"\r\n", Refusal.TOO_MANY_HOPS),
+        (b"Received-SPF: a\r\nX-Received: b\r\n" * 4 + b"\r\n", None),  # other fields
+        (b"Subject: x\r\n\r\n" + b"Received: a\r\n" * 9, None),  # the body is not read
+        (b"Subject: " + b"x" * 91 + b"\r\n\r\n", None),  # 100 octets
+        (b"Subject: " + b"x" * 92 + b"\r\n\r\n", Refusal.HEADER_TOO_BIG),
+        (b"Subject: " + b"x" * 50 + b"\r\n " + b"x" * 50 + b"\r\n\r\n", Refusal.HEADER_TOO_BIG),
+        (b"A: " + b"x" * 90 + b"\r\n" + b"B: " + b"x" * 90 + b"\r\n\r\n", None),
+        (b"A: b\r\n" * 166 + b"\r\n", None),  # 996 octets
+        (b"A: b\r\n" * 167 + b"\r\n", Refusal.HEADER_TOO_BIG),
+        (b"Body only, no header, " + b"x" * 2000 + b"\r\n", None),
+    ],
+)
+def test_refusal(body: bytes, why: Refusal | None) -> None:
+    assert refusal(body, **LIMITS) is why

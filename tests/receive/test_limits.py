@@ -126,3 +126,18 @@ def test_recipient_overshoot_counts_only_past_its_allowance() -> None:
     assert budget.errors == 0
     assert not budget.spend("452 4.5.3 Too many recipients")
     assert budget.spend("452 4.5.3 Too many recipients")
+
+
+def test_stress_starts_at_nine_tenths_and_ends_under_eight() -> None:
+    gate = ConnectionGate(total=10, per_client=10)
+    changes = []
+    for _ in range(10):
+        gate.admit("192.0.2.1")
+        changes.append((gate.count, gate.stress_changed(), gate.stressed))
+    for _ in range(10):
+        gate.release("192.0.2.1")
+        changes.append((gate.count, gate.stress_changed(), gate.stressed))
+    assert [(count, stressed) for count, changed, stressed in changes if changed] == [
+        (9, True),
+        (7, False),
+    ]

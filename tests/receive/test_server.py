@@ -10,6 +10,7 @@ import pytest
 from mta.receive.handler import RelayHandler
 from mta.receive.server import (
     BareLineEnding,
+    NulInCommand,
     RelaySMTP,
     _CommandLineReader,
     _CommandSizeLimits,
@@ -112,3 +113,10 @@ def test_dir_lists_every_method_aiosmtpd_looks_up(cls: type, prefixes: tuple[str
     everything = object.__dir__(instance)
     assert sorted(dir(instance)) == sorted(n for n in everything if n.startswith(prefixes))
     assert any(name.startswith(prefixes[0]) for name in dir(instance))
+
+
+@pytest.mark.parametrize("data", [b"NOOP\x00\r\n", b"MAIL FROM:<a@b>\x00x\r\n", b"\x00\r\n"])
+def test_nul_in_command_lines_raises(data: bytes) -> None:
+    with pytest.raises(NulInCommand) as caught:
+        lines(data)
+    assert caught.value.said == "<NUL>"
