@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NewType
+from typing import Literal, NewType
 
 from mta.reply import SmtpReply
 
@@ -68,13 +68,72 @@ class Outcome(enum.Enum):
     BOUNCED = "bounced"
 
 
+class PolicySource(enum.Enum):
+    """Which rule decided a requirement (``policy.source`` in ``mta check --json``)."""
+
+    LOCAL = "local"
+    DANE = "dane"
+    MTA_STS = "mta-sts"
+    MTA_STS_TESTING = "mta-sts-testing"
+    DEFAULT = "default"
+
+
+class PeerAuth(enum.Enum):
+    """How a peer was authenticated; ``NONE`` when it was not (not asked, or a
+    report-only check that failed)."""
+
+    NONE = "none"
+    DANE_EE = "dane-ee"
+    DANE_TA = "dane-ta"
+    PKIX = "pkix"
+    FINGERPRINT = "fingerprint"
+
+
+CheckKind = Literal["none", "pkix", "dane", "fingerprint"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    """The requirement enforced on the host that got (or failed) the mail, and what the
+    peer proved there. Per host, not per domain: DANE is decided for each MX host, so
+    the domain's policy (often ``default``) says less. Receipts, TLS-RPT and metrics
+    read this value; nothing re-parses logs (DESIGN.md: one typed event per attempt).
+    """
+
+    source: PolicySource
+    level: TlsLevel
+    check: CheckKind  # what the peer had to prove
+    auth: PeerAuth = PeerAuth.NONE  # how it proved it
+    report_only: bool = False  # MTA-STS testing: a failed check did not stop the mail
+
+    @property
+    def verified(self) -> bool:
+        return self.auth is not PeerAuth.NONE
+
+    @property
+    def label(self) -> str:
+        """``source/level``, as ``deliver.result`` logs it (``dane/dane``)."""
+        return f"{self.source.value}/{self.level.label}"
+
+    @property
+    def rpt_policy_type(self) -> Literal["tlsa", "sts", "no-policy-found"]:
+        """The RFC 8460 ``policy-type`` this attempt is reported under."""
+        if self.check == "dane" or self.source is PolicySource.DANE:
+            return "tlsa"
+        if self.source in (PolicySource.MTA_STS, PolicySource.MTA_STS_TESTING):
+            return "sts"
+        return "no-policy-found"
+
+
 @dataclass(frozen=True, slots=True)
 class TlsInfo:
-    """What was negotiated with a peer (logged with every result)."""
+    """What was negotiated with a peer (logged with every result). ``peer_key`` is the
+    leaf's public key (``RSA-2048``, ``EC-256``, ``Ed25519``) when it could be read."""
 
     version: str
     cipher: str
     peer_verified: bool = False
+    peer_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,5 +153,7 @@ class DeliveryResult:
 
     domain: str
     results: tuple[RecipientResult, ...]
-    mx: str | None = None
+    mx: str | None = None  # the host that decided (or failed last)
     tls: TlsInfo | None = None
+    address: str | None = None  # its IP address
+    policy: HostPolicy | None = None  # what it had to prove (None: no host was tried)

@@ -17,7 +17,6 @@ One ``deliver.result`` line is logged per attempt.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -34,10 +33,10 @@ from mta.deliver.session import (
     Transaction,
     deliver_session,
 )
-from mta.deliver.tlsclient import client_context
+from mta.deliver.tlsclient import ClientContexts, client_contexts
 from mta.errors import MtaError
 from mta.log import redact
-from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult
+from mta.model import DeliveryResult, Envelope, Outcome, PeerAuth, QueueId, RecipientResult
 from mta.policy.dns import DnsTempFail, NoDomain
 from mta.policy.resolver import DestinationResolver, DomainPlan, HostPlan
 from mta.reply import SmtpReply
@@ -65,7 +64,8 @@ def session_settings(config: Config) -> SessionSettings:
 
 
 class TlsContexts:
-    """One client context per client identity: none, and each domain policy's certificate.
+    """The client contexts (``tlsclient.ClientContexts``) per client identity: none, and
+    each domain policy's certificate.
 
     All are built here, at start-up: a client certificate that cannot be loaded stops
     the relay with a ``ConfigError``, instead of failing (and being re-read from disk)
@@ -78,11 +78,11 @@ class TlsContexts:
             for policy in config.domains
             if policy.client_cert is not None
         }
-        self._contexts: dict[tuple[Path | None, Path | None], ssl.SSLContext] = {
-            identity: client_context(*identity) for identity in identities
+        self._contexts: dict[tuple[Path | None, Path | None], ClientContexts] = {
+            identity: client_contexts(*identity) for identity in identities
         }
 
-    def for_target(self, target: Target) -> ssl.SSLContext:
+    def for_target(self, target: Target) -> ClientContexts:
         return self._contexts[target.client_cert, target.client_key]
 
 
@@ -180,6 +180,7 @@ class DeliveryAgent:
 
         last: HostFailed | None = None
         last_host: str | None = None
+        last_address: str | None = None
         dns_failure: DnsTempFail | NoDomain | None = None
         tried = 0
         for name in plan.hosts:
@@ -191,20 +192,22 @@ class DeliveryAgent:
                     dns_failure = host.dns_failure
                 continue
             if host.refusal is not None:
-                last, last_host = refusal_failure(host), name
+                last, last_host, last_address = refusal_failure(host), name, None
                 _log_host_failure(qid, domain, name, "-", last)
                 continue
             for target in targets(plan, host)[: MAX_ADDRESSES - tried]:
                 tried += 1
                 outcome = await self._session(target, txn)
                 if isinstance(outcome, Transacted):
-                    return DeliveryResult(domain, outcome.results, mx=name, tls=outcome.tls)
-                last, last_host = outcome, name
+                    return DeliveryResult(
+                        domain, outcome.results, name, outcome.tls, target.address, outcome.policy
+                    )
+                last, last_host, last_address = outcome, name, target.address
                 _log_host_failure(qid, domain, name, target.address, outcome)
 
         if last is not None:
             results = _all(txn.rcpts, Outcome.DEFERRED, last.reply, last.reason)
-            return DeliveryResult(domain, results, mx=last_host, tls=last.tls)
+            return DeliveryResult(domain, results, last_host, last.tls, last_address, last.policy)
         if isinstance(dns_failure, NoDomain):
             reply = SmtpReply(550, "5.4.4", f"Host or domain name not found: {dns_failure.reason}")
             return DeliveryResult(domain, _all(txn.rcpts, Outcome.BOUNCED, reply))
@@ -227,7 +230,9 @@ def _log_host_failure(qid: QueueId, domain: str, mx: str, address: str, failed: 
     )
 
 
-def _log_result(qid: QueueId, policy: str, result: DeliveryResult) -> None:
+def _log_result(qid: QueueId, domain_policy: str, result: DeliveryResult) -> None:
+    """One line per attempt. ``policy`` and ``verified`` are those of the host that got
+    (or failed) the mail (``DeliveryResult.policy``), else the domain's decision."""
     counts = dict.fromkeys(Outcome, 0)
     for rcpt in result.results:
         counts[rcpt.outcome] += 1
@@ -239,10 +244,12 @@ def _log_result(qid: QueueId, policy: str, result: DeliveryResult) -> None:
             "qid": qid,
             "domain": result.domain,
             "mx": result.mx or "-",
-            "policy": policy,
+            "address": result.address or "-",
+            "policy": result.policy.label if result.policy else domain_policy,
             "tls": result.tls.version if result.tls else "none",
             "cipher": result.tls.cipher if result.tls else "-",
-            "verified": bool(result.tls and result.tls.peer_verified),
+            "key": (result.tls.peer_key if result.tls else None) or "-",
+            "verified": result.policy.auth.value if result.policy else PeerAuth.NONE.value,
             "sent": counts[Outcome.SENT],
             "deferred": counts[Outcome.DEFERRED],
             "bounced": counts[Outcome.BOUNCED],

@@ -13,13 +13,30 @@ translated here, once, into a typed ``SessionOutcome``:
 
 TLS (RFC 3207): STARTTLS is required at every level but ``may``; a host that does not
 offer it fails with ``starttls-not-supported``. After the handshake, a session without
-forward secrecy is refused (``no-forward-secrecy``); then the presented chain is checked
-against the host's requirement (DANE, PKIX or pinned fingerprints, ``policy.verify``)
-before a single command is sent over it; then EHLO is sent again because everything
-learned before TLS is forgotten. An MTA-STS ``testing`` requirement only logs a failed
-check (``deliver.tls.report_only``) and goes on. At ``may`` a failed handshake is retried
-once in plaintext on a new connection, as Postfix does; every other level defers
-instead (never downgrade). The DATA payload (dot-stuffed, CRLF line endings) is made by
+forward secrecy is refused (``no-forward-secrecy``); at every level above ``may`` so is
+a leaf certificate whose key is weak (``weak-key``, ``tlsbase.weak_public_key``: the
+handshake itself never looks at it); then the presented chain is checked against the
+host's requirement (DANE, PKIX or pinned fingerprints, ``policy.verify``) before a
+single command is sent over it; then EHLO is sent again because everything learned
+before TLS is forgotten. An MTA-STS ``testing`` requirement only logs a failed check
+(``deliver.tls.report_only``) and goes on.
+
+When the forward-secret handshake fails, a second connection tries the ``fallback``
+context (``tlsclient``: TLS >= 1.2, any HIGH suite). At ``may`` mail goes over it
+(``deliver.tls.weaker``, a WARNING): plaintext is for peers that offer no TLS at all,
+or whose TLS fails even so (``deliver.tls.fallback``; a peer with TLS older than 1.2
+only is one). Above ``may`` it only finds out why the first one failed: a peer that
+resets the connection rather than send an alert is ``no-forward-secrecy`` when the
+fallback negotiates a suite without it; nothing is ever sent over that connection.
+At ``may`` a weak peer key is logged (``deliver.tls.weak_key``) and the mail goes.
+
+Replies: a reply that arrives when none is due (say a second ``250`` in the segment of
+the EHLO reply) would pair every later reply with the wrong command, so it ends the
+session with a ``HostFailed`` (``451 4.5.0``); no recipient is decided by it. The
+envelope is not trusted either: an address with a control character (CR, LF, NUL...)
+is refused before anything of it is written (``553 5.1.7`` sender, ``553 5.1.3``
+recipient). A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): that recipient is
+deferred. The DATA payload (dot-stuffed, CRLF line endings) is made by
 ``wire.data_payload``.
 """
 
@@ -31,20 +48,21 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, TypeAlias, TypeVar
+from typing import Final, Literal, TypeAlias, TypeVar
 
 import aiosmtplib
+from aiosmtplib.typing import Default
 
 from mta.deliver.pool import ConnectionCache
 from mta.deliver.tlschain import peer_chain
-from mta.deliver.tlsclient import classify_tls_error
+from mta.deliver.tlsclient import ClientContexts, classify_tls_error
 from mta.deliver.wire import data_payload
-from mta.model import Outcome, RecipientResult, TlsInfo, TlsLevel
+from mta.model import HostPolicy, Outcome, PeerAuth, RecipientResult, TlsInfo, TlsLevel
 from mta.policy.decide import HostRequirement
-from mta.policy.verify import VerifyResult, verify_peer
+from mta.policy.verify import VerifyResult, leaf_key, verify_peer
 from mta.reply import SmtpReply
 from mta.tlsbase import is_forward_secret
 
@@ -103,6 +121,7 @@ class Transacted:
 
     results: tuple[RecipientResult, ...]
     tls: TlsInfo | None
+    policy: HostPolicy | None = None  # what the peer had to prove, and how it did
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,7 @@ class HostFailed:
     reply: SmtpReply
     reason: str | None = None
     tls: TlsInfo | None = None
+    policy: HostPolicy | None = None  # None: refused by the policy before connecting
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,22 +171,53 @@ def _all(rcpts: Iterable[str], outcome: Outcome, reply: SmtpReply) -> tuple[Reci
     return tuple(RecipientResult(rcpt, outcome, reply) for rcpt in rcpts)
 
 
+class SurplusReply(aiosmtplib.SMTPException):
+    """The server sent a reply (or part of one) when none was due."""
+
+
+def _expect_no_surplus(smtp: aiosmtplib.SMTP) -> None:
+    """Raise ``SurplusReply`` if bytes of a reply are waiting that no command asked for.
+
+    aiosmtplib keeps what followed a complete reply in the same read in its protocol's
+    buffer, and hands it out as the reply to the next command; data arriving while no
+    command waits it drops. So, before each command (and after the reply to the end of
+    DATA), that buffer must be empty. STARTTLS is the exception aiosmtplib handles
+    itself: what follows the ``220`` is discarded (RFC 3207 §4.2).
+    """
+    protocol = smtp.protocol
+    if protocol is not None and protocol._buffer:  # private: see the docstring
+        raise SurplusReply("a reply arrived when none was due")
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client that never sends a command while an unasked reply waits."""
+
+    async def execute_command(
+        self,
+        *args: bytes,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109 - as overridden
+    ) -> aiosmtplib.SMTPResponse:
+        _expect_no_surplus(self)
+        return await super().execute_command(*args, timeout=timeout)
+
+
 async def deliver_session(
     target: Target,
     txn: Transaction,
     settings: SessionSettings,
-    context: ssl.SSLContext,
+    contexts: ClientContexts,
     cache: SessionCache | None = None,
 ) -> SessionOutcome:
     """Send one transaction to ``target``: over a cached connection with exactly the same
-    requirement if one is idle, else over a new one (at ``may``, with a plaintext retry
-    after a TLS failure). A connection that ends cleanly goes back to ``cache``.
+    requirement if one is idle, else over a new one (at ``may``, with the fallback TLS,
+    then plaintext, after a TLS failure). A connection that ends cleanly goes back to
+    ``cache``.
 
     Parameters:
         target: the address, port, MX host name and what the peer must prove.
         txn: the envelope and content to send.
         settings: HELO name and timeouts.
-        context: the client TLS context (``tlsclient.client_context``).
+        contexts: the client TLS contexts (``tlsclient.client_contexts``).
         cache: idle connections to reuse (Postfix's connection cache); None: no reuse.
     """
     key = cache_key(target)
@@ -179,7 +230,7 @@ async def deliver_session(
             await session.close()
             continue
         return await _done(session, outcome, cache, key)
-    session, failure = await _open(target, settings, context)
+    session, failure = await _open(target, settings, contexts)
     if failure is not None:
         await session.close()
         return failure
@@ -187,15 +238,30 @@ async def deliver_session(
 
 
 async def _open(
-    target: Target, settings: SessionSettings, context: ssl.SSLContext
+    target: Target, settings: SessionSettings, contexts: ClientContexts
 ) -> tuple[_Session, HostFailed | None]:
-    """A new connection, up to the point where mail may be sent (or why it may not);
-    at ``may``, a TLS failure is retried once in plaintext."""
-    session = _Session(target, settings, context, use_tls=True)
+    """A new connection, up to the point where mail may be sent (or why it may not).
+
+    After a failed forward-secret handshake, the fallback context (module docstring):
+    at ``may`` to send over it, above ``may`` to name the reason when the first failure
+    did not (a reset, not an alert). At ``may``, plaintext when TLS still fails.
+    """
+    session = _Session(target, settings, contexts.strict, tls="strict")
     failure = await session.open()
-    if failure is not None and _fall_back_to_plaintext(target, failure):
+    if failure is None:
+        return session, failure
+    may = target.level is TlsLevel.MAY
+    if session.handshake_failed and (may or failure.reason == "validation-failure"):
         await session.close()
-        session = _Session(target, settings, context, use_tls=False)
+        session = _Session(target, settings, contexts.fallback, tls="fallback")
+        retried = await session.open()
+        if retried is None:  # only at may: above it the fallback never lets mail through
+            return session, None
+        if may or retried.reason == "no-forward-secrecy":
+            failure = retried
+    if _fall_back_to_plaintext(target, failure):
+        await session.close()
+        session = _Session(target, settings, contexts.strict, tls="none")
         failure = await session.open()
     return session, failure
 
@@ -211,10 +277,10 @@ async def _done(
 
 
 async def probe_session(
-    target: Target, settings: SessionSettings, context: ssl.SSLContext
+    target: Target, settings: SessionSettings, contexts: ClientContexts
 ) -> Probed | HostFailed:
     """Connect, STARTTLS and check the peer exactly as delivery would, then QUIT."""
-    session, failure = await _open(target, settings, context)
+    session, failure = await _open(target, settings, contexts)
     await session.close()
     return failure or Probed(session.tls, session.chain, session.verified)
 
@@ -252,7 +318,10 @@ class _Session:
     """One connection: open (connect, EHLO, STARTTLS, check), then transactions, then close.
 
     ``stage`` names the step for the "lost connection" reply; ``reusable`` turns false
-    as soon as anything unexpected happens on the connection.
+    as soon as anything unexpected happens on the connection. ``tls`` is ``"strict"``
+    (the forward-secret context), ``"fallback"`` (module docstring) or ``"none"``
+    (plaintext, at ``may`` only); ``handshake_failed`` says that STARTTLS was accepted
+    but no forward-secret session came of it.
     """
 
     def __init__(
@@ -261,10 +330,11 @@ class _Session:
         settings: SessionSettings,
         context: ssl.SSLContext,
         *,
-        use_tls: bool,
+        tls: Literal["strict", "fallback", "none"],
     ) -> None:
         self.target, self.settings, self.context = target, settings, context
-        self.use_tls = use_tls
+        self.tls_mode = tls
+        self.handshake_failed = False
         self.stage = "connect"
         self.tls: TlsInfo | None = None
         self.chain: tuple[bytes, ...] = ()
@@ -273,7 +343,7 @@ class _Session:
         self.uses = 0
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
         self.where = f"{target.mx}[{target.address}]:{target.port}"
-        self.smtp = aiosmtplib.SMTP(
+        self.smtp = _Client(
             hostname=target.address,
             port=target.port,
             local_hostname=settings.helo,
@@ -283,7 +353,20 @@ class _Session:
         )
 
     def failed(self, code: int, enhanced: str, text: str, reason: str | None = None) -> HostFailed:
-        return HostFailed(SmtpReply(code, enhanced, text), reason, self.tls)
+        return HostFailed(SmtpReply(code, enhanced, text), reason, self.tls, self.policy())
+
+    def policy(self) -> HostPolicy:
+        """The requirement this session enforced, and how the peer met it (so far)."""
+        requirement = self.target.requirement
+        verified = self.verified
+        auth = verified.auth if verified is not None and verified.ok else PeerAuth.NONE
+        return HostPolicy(
+            requirement.source,
+            requirement.level,
+            requirement.check.kind,
+            auth,
+            requirement.report_only,
+        )
 
     def remote_failure(self, reply: SmtpReply, after: str) -> HostFailed:
         """A refusal that only rules out this host: its 4xx as is; a 5xx becomes 451 4.4.0."""
@@ -296,6 +379,14 @@ class _Session:
         """Run a step; a timeout or a lost connection becomes a ``HostFailed`` (4.4.2)."""
         try:
             return await step()
+        except SurplusReply:
+            self.reusable = False  # and no QUIT: its reply could not be told apart
+            return self.failed(
+                451,
+                "4.5.0",
+                f"protocol error with {self.where}: a reply arrived when none was due "
+                f"(before {self.stage})",
+            )
         except aiosmtplib.SMTPTimeoutError:
             self.reusable = False
             return self.failed(451, "4.4.2", f"timeout with {self.where} during {self.stage}")
@@ -318,7 +409,7 @@ class _Session:
         failure = await self._connect()
         if failure is None:
             failure = await self._hello()
-        if failure is None and self.use_tls:
+        if failure is None and self.tls_mode != "none":
             failure = await self._starttls()
         return failure
 
@@ -390,11 +481,13 @@ class _Session:
                 "starttls-not-supported",
             )
         self.stage = "STARTTLS"
+        _expect_no_surplus(self.smtp)
         try:
             await self.smtp.starttls(
                 tls_context=self.context, server_hostname=self.target.requirement.sni
             )
         except ssl.SSLError as err:
+            self.handshake_failed = True
             reason = classify_tls_error(err)
             detail = getattr(err, "verify_message", None) or getattr(err, "reason", None) or err
             return self.failed(
@@ -409,6 +502,9 @@ class _Session:
                 "starttls-not-supported",
             )
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as err:
+            # A reset or EOF in the handshake may be the peer's way to refuse our suites
+            # (``_open`` asks the fallback context); a timeout is not worth a second try.
+            self.handshake_failed = not isinstance(err, aiosmtplib.SMTPTimeoutError)
             return self.failed(
                 451,
                 "4.7.5",
@@ -423,12 +519,33 @@ class _Session:
             negotiated = ssl_object.cipher()
             cipher = negotiated[0] if negotiated else None
         self.tls = TlsInfo(version or "unknown", cipher or "unknown")
-        if not is_forward_secret(version, cipher):
+        forward_secret = is_forward_secret(version, cipher)
+        if self.tls_mode == "fallback" and self.target.level is TlsLevel.MAY:
+            log.warning(
+                "deliver.tls.weaker",
+                extra={
+                    "mx": self.target.mx,
+                    "address": self.target.address,
+                    "tls": version,
+                    "cipher": cipher,
+                    "forward_secret": forward_secret,
+                },
+            )
+        elif not forward_secret:
+            self.handshake_failed = True
             return self.failed(
                 451,
                 "4.7.5",
                 f"TLS with {self.where} has no forward secrecy: {version} {cipher}",
                 "no-forward-secrecy",
+            )
+        elif self.tls_mode == "fallback":  # above may: this connection only tells why
+            return self.failed(
+                451,
+                "4.7.5",
+                f"TLS with {self.where} works only without the forward-secret floor: "
+                f"{version} {cipher}",
+                "validation-failure",
             )
         failure = self._check_peer(ssl_object)
         if failure is not None:
@@ -440,16 +557,17 @@ class _Session:
     def _check_peer(self, ssl_object: object) -> HostFailed | None:
         """Check the presented chain against the requirement before anything is sent over it."""
         requirement = self.target.requirement
+        leaf: bytes | None = None
         if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             self.chain = tuple(peer_chain(ssl_object))
+            leaf = self.chain[0] if self.chain else ssl_object.getpeercert(binary_form=True)
+        failure = self._check_key(leaf)
+        if failure is not None:
+            return failure
         result = verify_peer(requirement.check, self.chain, datetime.now(UTC))
         self.verified = result
         assert self.tls is not None
-        self.tls = TlsInfo(
-            self.tls.version,
-            self.tls.cipher,
-            peer_verified=result.ok and requirement.check.kind != "none",
-        )
+        self.tls = replace(self.tls, peer_verified=result.ok and requirement.check.kind != "none")
         if result.ok:
             return None
         if requirement.report_only:
@@ -469,7 +587,40 @@ class _Session:
             result.reason or "validation-failure",
         )
 
+    def _check_key(self, leaf: bytes | None) -> HostFailed | None:
+        """The weak-key rule on the leaf, whatever the check (issue 8 §1): above ``may`` a
+        weak or unreadable key fails; at ``may`` it is logged and the mail goes."""
+        key = leaf_key(leaf) if leaf else None
+        assert self.tls is not None
+        self.tls = replace(self.tls, peer_key=key.kind if key else None)
+        problem = "no readable certificate" if key is None else key.weak
+        if problem is None:
+            return None
+        if self.target.level is TlsLevel.MAY:
+            log.warning(
+                "deliver.tls.weak_key",
+                extra={"mx": self.target.mx, "address": self.target.address, "problem": problem},
+            )
+            return None
+        return self.failed(
+            451,
+            "4.7.5",
+            f"TLS peer {self.where}: {problem}",
+            "validation-failure" if key is None else "weak-key",
+        )
+
     async def _transaction(self, txn: Transaction) -> SessionOutcome:
+        if _UNPRINTABLE.search(txn.mail_from):  # never trust the caller (module docstring)
+            reply = SmtpReply(553, "5.1.7", "Bad sender address syntax: control character")
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
+        unsafe = SmtpReply(553, "5.1.3", "Bad recipient address syntax: control character")
+        decided: dict[str, RecipientResult] = {
+            rcpt: RecipientResult(rcpt, Outcome.BOUNCED, unsafe)
+            for rcpt in txn.rcpts
+            if _UNPRINTABLE.search(rcpt)
+        }
+        if len(decided) == len(txn.rcpts):
+            return Transacted(tuple(decided[r] for r in txn.rcpts), self.tls, self.policy())
         smtp = self.smtp
         options: list[str] = []
         encoding = "ascii"
@@ -484,7 +635,7 @@ class _Session:
             reply = SmtpReply(
                 550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.where}"
             )
-            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
 
         self.stage = "MAIL FROM"
         try:
@@ -492,21 +643,25 @@ class _Session:
         except aiosmtplib.SMTPSenderRefused as err:
             reply = reply_from(err.code, err.message)
             if err.code >= 500:
-                return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+                return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
             return self.remote_failure(reply, "MAIL FROM")
         except ValueError:  # aiosmtplib refuses addresses unsafe on a command line
             reply = SmtpReply(553, "5.1.7", "Bad sender address syntax")
-            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls)
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
 
         self.stage = "RCPT TO"
-        decided: dict[str, RecipientResult] = {}
         accepted: list[str] = []
         for rcpt in txn.rcpts:
+            if rcpt in decided:
+                continue
             try:
                 await smtp.rcpt(rcpt, encoding=encoding)
             except aiosmtplib.SMTPRecipientRefused as err:
                 reply = reply_from(err.code, err.message)
-                outcome = Outcome.BOUNCED if err.code >= 500 else Outcome.DEFERRED
+                # Servers used 552 for "too many recipients"; RFC 5321 §4.5.3.1.10 asks
+                # clients to take a 552 to RCPT as temporary.
+                permanent = err.code >= 500 and err.code != 552
+                outcome = Outcome.BOUNCED if permanent else Outcome.DEFERRED
                 decided[rcpt] = RecipientResult(rcpt, outcome, reply)
             except ValueError:
                 reply = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
@@ -526,7 +681,8 @@ class _Session:
                 outcome = Outcome.SENT
             for rcpt in accepted:
                 decided[rcpt] = RecipientResult(rcpt, outcome, reply)
-        return Transacted(tuple(decided[rcpt] for rcpt in txn.rcpts), self.tls)
+        results = tuple(decided[rcpt] for rcpt in txn.rcpts)
+        return Transacted(results, self.tls, self.policy())
 
 
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
@@ -549,6 +705,7 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
         raise
+    _expect_no_surplus(smtp)  # which of the replies was the one to the dot?
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from mta.errors import TlsPolicyFailure
-from mta.model import TlsLevel
+from mta.model import PolicySource, TlsLevel  # PolicySource: re-exported
 from mta.policy.dane import TlsaRecord
 from mta.policy.local import DomainPolicy
 from mta.policy.mta_sts import StsMode, StsPolicy
@@ -52,16 +52,6 @@ __all__ = [
     "decide_domain",
     "decide_host",
 ]
-
-
-class PolicySource(enum.Enum):
-    """Which rule decided (``policy.source`` in ``mta check --json``)."""
-
-    LOCAL = "local"
-    DANE = "dane"
-    MTA_STS = "mta-sts"
-    MTA_STS_TESTING = "mta-sts-testing"
-    DEFAULT = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,12 @@ from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import Store
 
 from mta.errors import ConfigError
+from mta.model import PeerAuth
 from mta.policy.dane import (
     DANE_EE,
     MATCH_SHA256,
@@ -171,11 +173,13 @@ class PeerCheck:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """The verdict; ``reason`` is an RFC 8460 result type (or DESIGN.md's ``weak-key``)."""
+    """The verdict; ``reason`` is an RFC 8460 result type (or DESIGN.md's ``weak-key``);
+    ``auth`` says how a peer that passed was authenticated (``NONE``: nothing asked)."""
 
     ok: bool
     reason: str | None
     detail: str
+    auth: PeerAuth = PeerAuth.NONE
 
 
 def verify_peer(check: PeerCheck, chain: Sequence[bytes], now: datetime) -> VerifyResult:
@@ -195,7 +199,10 @@ def _verify_peer(check: PeerCheck, chain: Sequence[bytes], now: datetime) -> Ver
         return VerifyResult(True, None, "no authentication required")
     if check.kind == "dane":
         dane = verify_dane(check.tlsa, chain, check.names, now)
-        return VerifyResult(dane.ok, dane.reason, dane.detail)
+        auth = PeerAuth.NONE
+        if dane.ok and dane.matched is not None:
+            auth = PeerAuth.DANE_EE if dane.matched.usage == DANE_EE else PeerAuth.DANE_TA
+        return VerifyResult(dane.ok, dane.reason, dane.detail, auth)
     if check.kind == "pkix":
         return _verify_pkix(check, chain, now)
     if check.kind == "fingerprint":
@@ -217,7 +224,8 @@ def _verify_pkix(check: PeerCheck, chain: Sequence[bytes], now: datetime) -> Ver
         now,
         untrusted="certificate-not-trusted",
     )
-    return VerifyResult(reason is None, reason, f"PKIX: {detail}")
+    auth = PeerAuth.PKIX if reason is None else PeerAuth.NONE
+    return VerifyResult(reason is None, reason, f"PKIX: {detail}", auth)
 
 
 def _verify_fingerprint(check: PeerCheck, chain: Sequence[bytes]) -> VerifyResult:
@@ -243,4 +251,34 @@ def _verify_fingerprint(check: PeerCheck, chain: Sequence[bytes]) -> VerifyResul
     weak = weak_key(leaf)
     if weak is not None:
         return VerifyResult(False, "weak-key", f"pinned certificate: {weak}")
-    return VerifyResult(True, None, "certificate matches a pinned fingerprint")
+    return VerifyResult(
+        True, None, "certificate matches a pinned fingerprint", PeerAuth.FINGERPRINT
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LeafKey:
+    """The public key of a presented leaf certificate: ``kind`` for the record
+    (``RSA-2048``, ``EC-256``, ``Ed25519``) and why it is too weak (``weak``, from the one
+    rule ``tlsbase.weak_public_key``), or None."""
+
+    kind: str
+    weak: str | None
+
+
+def leaf_key(der: bytes) -> LeafKey | None:
+    """The key of the leaf certificate ``der``; None when it cannot be parsed. Applies
+    whatever the check: at ``encrypt`` nothing else looks at the peer's key."""
+    certs = parse_chain([der])
+    if isinstance(certs, str):
+        return None
+    key = certs[0].public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        kind = f"RSA-{key.key_size}"
+    elif isinstance(key, dsa.DSAPublicKey):
+        kind = f"DSA-{key.key_size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        kind = f"EC-{key.curve.key_size}"
+    else:  # Ed25519PublicKey -> Ed25519
+        kind = type(key).__name__.removesuffix("PublicKey")
+    return LeafKey(kind, weak_key(certs[0]))

@@ -21,7 +21,10 @@ from mta.errors import ConfigError
 from mta.model import (
     DeliveryResult,
     Envelope,
+    HostPolicy,
     Outcome,
+    PeerAuth,
+    PolicySource,
     QueueId,
     RecipientResult,
     TlsInfo,
@@ -398,3 +401,51 @@ def test_a_client_certificate_that_cannot_be_loaded_stops_start_up(tmp_path: Pat
     )
     with pytest.raises(ConfigError, match=r"domain\.client_cert: cannot load"):
         DeliveryAgent(cfg, destinations)
+
+
+def test_the_result_carries_the_requirement_of_the_host_that_decided(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8 §4: the host's requirement (here DANE, as a session reports it), not the
+    domain's default, is in the result and in the ``deliver.result`` line; a host that
+    failed first does not lend it its own."""
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.dest.test"),))},
+        addresses={"mx.dest.test": AddressesFound(("127.0.0.21", "127.0.0.22"))},
+    )
+    dane = HostPolicy(PolicySource.DANE, TlsLevel.DANE, "dane", PeerAuth.DANE_EE)
+    tls = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", True, "EC-256")
+    sent = tuple(RecipientResult(r, Outcome.SENT, SENT_REPLY) for r in RCPTS)
+    failed_policy = HostPolicy(PolicySource.DEFAULT, TlsLevel.ENCRYPT, "none")
+    sessions = FakeSessions(
+        {
+            "127.0.0.21": dataclasses.replace(TLS_FAILED, policy=failed_policy),
+            "127.0.0.22": Transacted(sent, tls, dane),
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="mta.deliver"):
+        result = deliver(config(), dns, sessions)
+    assert (result.mx, result.address, result.policy, result.tls) == (
+        "mx.dest.test",
+        "127.0.0.22",
+        dane,
+        tls,
+    )
+    (line,) = [rec for rec in caplog.records if rec.getMessage() == "deliver.result"]
+    facts: dict[str, Any] = line.__dict__
+    assert (facts["policy"], facts["verified"], facts["key"]) == ("dane/dane", "dane-ee", "EC-256")
+    assert facts["address"] == "127.0.0.22"
+
+
+def test_a_deferral_carries_the_requirement_of_the_last_host_tried() -> None:
+    dns = FakeDns(
+        mx={"dest.test": MxHosts((MxRecord(10, "mx.dest.test"),))},
+        addresses={"mx.dest.test": AddressesFound(("127.0.0.21",))},
+    )
+    policy = HostPolicy(PolicySource.MTA_STS, TlsLevel.VERIFY, "pkix")
+    sessions = FakeSessions({"127.0.0.21": dataclasses.replace(TLS_FAILED, policy=policy)})
+    result = deliver(config(), dns, sessions)
+    assert outcomes(result) == {Outcome.DEFERRED}
+    assert (result.address, result.policy) == ("127.0.0.21", policy)
+    assert result.policy is not None
+    assert result.policy.rpt_policy_type == "sts"

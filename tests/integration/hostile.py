@@ -8,7 +8,8 @@ man in the middle could have slipped in), in the same write as the ``220`` or ri
 it, then starts TLS (``StreamWriter.start_tls``). Every command line it reads is kept
 with whether it came over TLS; every message with the exact bytes of its DATA section.
 Its own replies after TLS say ``real``, so a client that took an injected line for a
-reply is caught by the text.
+reply is caught by the text. ``surplus`` is sent in the same write as its EHLO reply
+over TLS: a reply nobody asked for, which a client must not pair with its next command.
 
 ``StrippingProxy`` sits between a client and an SMTP server: in ``"pass"`` mode it only
 forwards (raw bytes once STARTTLS has gone through), in ``"hide"`` mode it removes
@@ -106,6 +107,7 @@ class HostileServer(_LoopThread):
         context: the server TLS context (STARTTLS is offered only with one).
         inject: bytes sent after ``220 Ready to start TLS`` and before the handshake.
         separate: send them in a write of their own (else the same write as the 220).
+        surplus: bytes sent right after the EHLO reply over TLS, in the same write.
     """
 
     def __init__(
@@ -116,9 +118,11 @@ class HostileServer(_LoopThread):
         context: ssl.SSLContext | None = None,
         inject: bytes = b"",
         separate: bool = False,
+        surplus: bytes = b"",
     ) -> None:
         super().__init__(host, port, "hostile")
         self.context, self.inject, self.separate = context, inject, separate
+        self.surplus = surplus
         self.commands: list[Seen] = []
         self.messages: list[tuple[bool, bytes]] = []  # (over TLS, DATA bytes up to the dot)
 
@@ -133,7 +137,7 @@ class HostileServer(_LoopThread):
                 if self.context is not None and not tls:
                     lines.append(b"STARTTLS")
                 reply = b"".join(b"250-" + item + b"\r\n" for item in lines[:-1])
-                writer.write(reply + b"250 " + lines[-1] + b"\r\n")
+                writer.write(reply + b"250 " + lines[-1] + b"\r\n" + (self.surplus if tls else b""))
             elif verb == b"STARTTLS" and self.context is not None and not tls:
                 ready = b"220 2.0.0 Ready to start TLS\r\n"
                 if self.separate:

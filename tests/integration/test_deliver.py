@@ -152,14 +152,21 @@ def test_may_still_uses_tls_when_offered(tls_ca: trustme.CA, dns_server: TinyDns
     assert result.tls is not None
 
 
-def test_may_retries_in_clear_after_a_failed_handshake(
-    tls_ca: trustme.CA, dns_server: TinyDns
+def test_may_prefers_tls_without_forward_secrecy_to_plaintext(
+    tls_ca: trustme.CA, dns_server: TinyDns, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Issue 8 §5: at ``may`` clear is only for peers that offer no TLS at all."""
     with Receiver(MX_IP, tls="non-fs", ca=tls_ca) as receiver:
         result = deliver(routed(dns_server, receiver, "may"), "dest.test", ("bob@dest.test",))
         (got,) = receiver.wait_for(1, timeout=5)
     assert {r.outcome for r in result.results} == {Outcome.SENT}
-    assert got.tls_version is None  # never a non-forward-secret session
+    assert got.tls_version == "TLSv1.2"
+    assert not is_forward_secret(got.tls_version, got.tls_cipher)
+    assert result.tls is not None
+    assert result.tls.cipher == got.tls_cipher
+    (weaker,) = [r for r in caplog.records if r.getMessage() == "deliver.tls.weaker"]
+    assert weaker.levelname == "WARNING"
+    assert vars(weaker)["forward_secret"] is False
 
 
 def test_verify_with_the_ca_delivers(

@@ -153,8 +153,10 @@ def test_replies_injected_after_220_are_never_taken_as_replies(
         commands, messages = list(mx.commands), list(mx.messages)
     (rcpt,) = result.results
     assert "injected" not in rcpt.reply.text
-    # Nothing of the transaction was ever sent in plaintext.
-    assert [c.line.split()[0] for c in commands if not c.tls] == [b"EHLO", b"STARTTLS"]
+    # Nothing of the transaction was ever sent in plaintext (after a failed handshake a
+    # second connection may ask why: EHLO and STARTTLS again, never more).
+    plaintext = [c.line.split()[0] for c in commands if not c.tls]
+    assert plaintext in ([b"EHLO", b"STARTTLS"], [b"EHLO", b"STARTTLS"] * 2)
     if rcpt.outcome is Outcome.SENT:
         assert rcpt.reply.text == "real: queued"
         assert messages == [(True, CONTENT)]

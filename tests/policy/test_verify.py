@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta.errors import ConfigError
+from mta.model import PeerAuth
 from mta.policy.dane import TlsaRecord
 from mta.policy.verify import (
+    LeafKey,
     PeerCheck,
     TrustStore,
+    leaf_key,
     load_trust_store,
     normalise_fingerprint,
     verify_peer,
@@ -343,3 +346,53 @@ def test_load_trust_store_names_a_bad_file(
     with pytest.raises(ConfigError, match=problem) as caught:
         load_trust_store([path], system=False)
     assert caught.value.source == str(path)
+
+
+# --- how the peer was authenticated (issue 8 §4) and its key (§1) ---
+
+
+def test_each_kind_says_how_the_peer_was_authenticated(pki: Pki, trust: TrustStore) -> None:
+    pin = "sha256:" + hashlib.sha256(pki.chain[0]).hexdigest()
+    checks = {
+        PeerAuth.NONE: PeerCheck("none"),
+        PeerAuth.PKIX: pkix(trust, HOST),
+        PeerAuth.DANE_EE: PeerCheck("dane", names=(HOST,), tlsa=(tlsa(3, 1, 1, pki.chain[0]),)),
+        PeerAuth.DANE_TA: PeerCheck(
+            "dane", names=(HOST,), tlsa=(tlsa(2, 0, 1, pki.intermediate_der),)
+        ),
+        PeerAuth.FINGERPRINT: PeerCheck("fingerprint", fingerprints=(pin,)),
+    }
+    for auth, check in checks.items():
+        result = verify_peer(check, pki.chain, NOW)
+        assert (result.ok, result.auth) == (True, auth), check.kind
+    failed = verify_peer(pkix(trust, OTHER_HOST), pki.chain, NOW)
+    assert (failed.ok, failed.auth) == (False, PeerAuth.NONE)
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (
+            rsa.generate_private_key(65537, 1024),
+            LeafKey("RSA-1024", "RSA key of 1024 bits is too weak (minimum 2048)"),
+        ),
+        (rsa.generate_private_key(65537, 2048), LeafKey("RSA-2048", None)),
+        (
+            ec.generate_private_key(ec.SECP224R1()),
+            LeafKey("EC-224", "EC key of 224 bits is too weak (minimum 256)"),
+        ),
+        (ec.generate_private_key(ec.SECP256R1()), LeafKey("EC-256", None)),
+        (ed25519.Ed25519PrivateKey.generate(), LeafKey("Ed25519", None)),
+    ],
+    ids=["rsa1024", "rsa2048", "p224", "p256", "ed25519"],
+)
+def test_leaf_key_names_the_key_and_applies_the_one_weak_key_rule(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    expected: LeafKey,
+) -> None:
+    leaf = build(HOST, key, issuer=("Key test CA", ec_key()), names=(HOST,))
+    assert leaf_key(leaf) == expected
+
+
+def test_leaf_key_of_garbage_is_none() -> None:
+    assert leaf_key(b"not a certificate") is None

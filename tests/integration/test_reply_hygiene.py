@@ -1,0 +1,113 @@
+"""The delivery client's protocol hygiene (issue 8 §5, issue 9): replies and envelopes.
+
+- A reply that arrives when none is due (a second ``250`` in the segment of the EHLO
+  reply over TLS) would be taken as the reply to MAIL FROM, and every later reply would
+  pair with the wrong command: the session ends and the mail is deferred, no recipient
+  decided by a reply that was not its own.
+- An envelope address holding CR, LF or NUL is refused before anything of it is
+  written: a bounce for that address (``553``), never "sent".
+- A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): deferred, not bounced.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mta.config import Config, validate
+from mta.model import DeliveryResult, Outcome
+from mta.tlsbase import harden
+from tests.integration import outbound
+from tests.integration.hostile import HostileServer
+from tests.integration.receivers import Receiver
+
+MX_IP = "127.0.0.172"
+SENDER = "alice@sender.test"
+CONTENT = b"Subject: hygiene\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(scope="module")
+def mx_tls(tls_ca: trustme.CA) -> ssl.SSLContext:
+    context = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    tls_ca.issue_cert("mx.test", MX_IP).configure_cert(context)
+    return context
+
+
+def config(port: int) -> Config:
+    raw: dict[str, Any] = {
+        "hostname": "relay.test",
+        "outbound": {"port": port, "connect_timeout": "5s", "command_timeout": "5s"},
+        "route": [{"domain": "dest.test", "nexthop": f"[{MX_IP}]:{port}"}],
+    }
+    return validate(raw, "test.toml", Path("/nonexistent"))
+
+
+def deliver(port: int, rcpts: tuple[str, ...], sender: str = SENDER) -> DeliveryResult:
+    return outbound.deliver(config(port), "dest.test", rcpts, CONTENT, sender=sender)
+
+
+@pytest.mark.parametrize(
+    "surplus",
+    [b"250 2.0.0 surplus: ok\r\n", b"550 5.1.1 surplus: no such user\r\n", b"250-surplus"],
+    ids=["250", "550", "partial"],
+)
+def test_a_surplus_reply_ends_the_session_and_defers(
+    mx_tls: ssl.SSLContext, surplus: bytes
+) -> None:
+    with HostileServer(MX_IP, context=mx_tls, surplus=surplus) as mx:
+        result = deliver(mx.port, ("bob@dest.test", "carol@dest.test"))
+        after_tls = [seen.line.split()[0] for seen in mx.commands if seen.tls]
+        messages = list(mx.messages)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.5.0")
+    }
+    assert "a reply arrived when none was due" in result.results[0].reply.text
+    assert "surplus" not in result.results[0].reply.text
+    assert after_tls == [b"EHLO"]  # no MAIL, no RCPT, no DATA, not even QUIT
+    assert messages == []
+
+
+@pytest.mark.parametrize(
+    "bad", ["eve@dest.test\r\nRCPT TO:<x@dest.test>", "eve@dest.test\nX", "eve\x00@dest.test"]
+)
+def test_a_recipient_with_a_line_break_or_nul_is_refused(tls_ca: trustme.CA, bad: str) -> None:
+    with Receiver(MX_IP, tls="fs", ca=tls_ca) as receiver:
+        result = deliver(receiver.port, ("bob@dest.test", bad))
+        (got,) = receiver.wait_for(1, timeout=5)
+    by_rcpt = {r.rcpt: r for r in result.results}
+    assert by_rcpt["bob@dest.test"].outcome is Outcome.SENT
+    refused = by_rcpt[bad]
+    assert (refused.outcome, refused.reply.code, refused.reply.enhanced) == (
+        Outcome.BOUNCED,
+        553,
+        "5.1.3",
+    )
+    assert got.rcpt_tos == ["bob@dest.test"]
+
+
+def test_a_sender_with_a_line_break_bounces_and_sends_nothing(tls_ca: trustme.CA) -> None:
+    with Receiver(MX_IP, tls="fs", ca=tls_ca) as receiver:
+        result = deliver(receiver.port, ("bob@dest.test",), sender="a@x.test\r\nRSET")
+        messages = list(receiver.messages)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.BOUNCED, 553, "5.1.7")
+    }
+    assert messages == []
+
+
+def test_552_to_rcpt_defers(tls_ca: trustme.CA) -> None:
+    refusals = {"carol@dest.test": "552 5.2.2 Mailbox full", "dave@dest.test": "550 5.1.1 No"}
+    rcpts = ("bob@dest.test", "carol@dest.test", "dave@dest.test")
+    with Receiver(MX_IP, tls="fs", ca=tls_ca, rcpt_reply=refusals) as receiver:
+        result = deliver(receiver.port, rcpts)
+        receiver.wait_for(1, timeout=5)
+    outcomes = {r.rcpt: (r.outcome, r.reply.code) for r in result.results}
+    assert outcomes == {
+        "bob@dest.test": (Outcome.SENT, 250),
+        "carol@dest.test": (Outcome.DEFERRED, 552),
+        "dave@dest.test": (Outcome.BOUNCED, 550),
+    }
