@@ -105,6 +105,9 @@ class HostPolicy:
     check: CheckKind  # what the peer had to prove
     auth: PeerAuth = PeerAuth.NONE  # how it proved it
     report_only: bool = False  # MTA-STS testing: a failed check did not stop the mail
+    reported_failure: str | None = None  # RFC 8460 type of a report-only check that failed
+    policy_strings: tuple[str, ...] = ()  # TLSA records or MTA-STS lines (TLS-RPT)
+    mx_patterns: tuple[str, ...] = ()  # the MTA-STS policy's mx patterns (TLS-RPT)
 
     @property
     def verified(self) -> bool:
@@ -148,6 +151,25 @@ class RecipientResult:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One host tried in an attempt: a connection to one address, or a host the policy
+    refused before connecting (``address`` empty). TLS-RPT counts these (RFC 8460 §4.3:
+    sessions, not messages).
+
+    ``result_type`` is the RFC 8460 result type when the TLS requirement was not met
+    (``starttls-not-supported``, ``certificate-not-trusted``...), ``None`` otherwise;
+    ``reply`` is what ended the session (the last reply, or our own 4xx).
+    """
+
+    mx: str
+    address: str
+    reply: SmtpReply
+    result_type: str | None = None
+    tls: TlsInfo | None = None
+    policy: HostPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryResult:
     """The result of one delivery attempt for the recipients of one domain."""
 
@@ -157,3 +179,4 @@ class DeliveryResult:
     tls: TlsInfo | None = None
     address: str | None = None  # its IP address
     policy: HostPolicy | None = None  # what it had to prove (None: no host was tried)
+    sessions: tuple[SessionRecord, ...] = ()  # every host tried, in order (TLS-RPT, receipts)

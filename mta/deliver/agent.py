@@ -36,7 +36,17 @@ from mta.deliver.session import (
 from mta.deliver.tlsclient import ClientContexts, client_contexts
 from mta.errors import MtaError
 from mta.log import redact
-from mta.model import DeliveryResult, Envelope, Outcome, PeerAuth, QueueId, RecipientResult
+from mta.model import (
+    DeliveryResult,
+    Envelope,
+    HostPolicy,
+    Outcome,
+    PeerAuth,
+    PolicySource,
+    QueueId,
+    RecipientResult,
+    SessionRecord,
+)
 from mta.policy.dns import DnsTempFail, NoDomain
 from mta.policy.resolver import DestinationResolver, DomainPlan, HostPlan
 from mta.reply import SmtpReply
@@ -174,9 +184,11 @@ class DeliveryAgent:
 
     async def _attempt(self, qid: QueueId, plan: DomainPlan, txn: Transaction) -> DeliveryResult:
         domain = plan.domain
+        sessions = _refused_by_sts(plan)
         if plan.terminal is not None:
             end = plan.terminal
-            return DeliveryResult(domain, _all(txn.rcpts, end.outcome, end.reply, end.reason))
+            results = _all(txn.rcpts, end.outcome, end.reply, end.reason)
+            return DeliveryResult(domain, results, sessions=tuple(sessions))
 
         last: HostFailed | None = None
         last_host: str | None = None
@@ -193,27 +205,69 @@ class DeliveryAgent:
                 continue
             if host.refusal is not None:
                 last, last_host, last_address = refusal_failure(host), name, None
+                sessions.append(SessionRecord(name, "", last.reply, last.reason))
                 _log_host_failure(qid, domain, name, "-", last)
                 continue
             for target in targets(plan, host)[: MAX_ADDRESSES - tried]:
                 tried += 1
                 outcome = await self._session(target, txn)
+                sessions.append(_session_record(name, target.address, outcome))
                 if isinstance(outcome, Transacted):
                     return DeliveryResult(
-                        domain, outcome.results, name, outcome.tls, target.address, outcome.policy
+                        domain,
+                        outcome.results,
+                        name,
+                        outcome.tls,
+                        target.address,
+                        outcome.policy,
+                        tuple(sessions),
                     )
                 last, last_host, last_address = outcome, name, target.address
                 _log_host_failure(qid, domain, name, target.address, outcome)
 
         if last is not None:
             results = _all(txn.rcpts, Outcome.DEFERRED, last.reply, last.reason)
-            return DeliveryResult(domain, results, last_host, last.tls, last_address, last.policy)
+            return DeliveryResult(
+                domain, results, last_host, last.tls, last_address, last.policy, tuple(sessions)
+            )
         if isinstance(dns_failure, NoDomain):
             reply = SmtpReply(550, "5.4.4", f"Host or domain name not found: {dns_failure.reason}")
             return DeliveryResult(domain, _all(txn.rcpts, Outcome.BOUNCED, reply))
         detail = dns_failure.reason if dns_failure is not None else f"no host for {plan.nexthop}"
         reply = SmtpReply(451, "4.4.3", f"Host or domain name lookup failed: {detail}")
         return DeliveryResult(domain, _all(txn.rcpts, Outcome.DEFERRED, reply))
+
+
+def _refused_by_sts(plan: DomainPlan) -> list[SessionRecord]:
+    """MX hosts outside the MTA-STS ``enforce`` policy: each a failed session that never
+    connected (``validation-failure``), as TLS-RPT reports them."""
+    sts = plan.policy.sts
+    if not plan.refused or sts is None:
+        return []
+    policy = HostPolicy(
+        PolicySource.MTA_STS,
+        plan.policy.level,
+        "pkix",
+        policy_strings=sts.lines(),
+        mx_patterns=sts.mx,
+    )
+    return [
+        SessionRecord(
+            host,
+            "",
+            SmtpReply(451, "4.7.5", f"MX host {host} is not in the MTA-STS policy"),
+            "validation-failure",
+            policy=policy,
+        )
+        for host in plan.refused
+    ]
+
+
+def _session_record(mx: str, address: str, outcome: SessionOutcome) -> SessionRecord:
+    if isinstance(outcome, Transacted):
+        reply = outcome.results[0].reply if outcome.results else SmtpReply(250, "2.0.0", "")
+        return SessionRecord(mx, address, reply, None, outcome.tls, outcome.policy)
+    return SessionRecord(mx, address, outcome.reply, outcome.reason, outcome.tls, outcome.policy)
 
 
 def _log_host_failure(qid: QueueId, domain: str, mx: str, address: str, failed: HostFailed) -> None:

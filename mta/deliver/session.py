@@ -360,12 +360,18 @@ class _Session:
         requirement = self.target.requirement
         verified = self.verified
         auth = verified.auth if verified is not None and verified.ok else PeerAuth.NONE
+        reported = None
+        if verified is not None and not verified.ok and requirement.report_only:
+            reported = verified.reason or "validation-failure"
         return HostPolicy(
             requirement.source,
             requirement.level,
             requirement.check.kind,
             auth,
             requirement.report_only,
+            reported_failure=reported,
+            policy_strings=requirement.policy_strings,
+            mx_patterns=requirement.sts.mx if requirement.sts is not None else (),
         )
 
     def remote_failure(self, reply: SmtpReply, after: str) -> HostFailed:

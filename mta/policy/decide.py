@@ -118,6 +118,15 @@ class HostRequirement:
     sni: str  # server_name for the handshake: TLSA base domain under DANE, else host
     report_only: bool = False  # MTA-STS testing: a failed check is logged, mail still goes
     why: str = ""
+    sts: StsPolicy | None = None  # the MTA-STS policy the host was held to (enforce, testing)
+
+    @property
+    def policy_strings(self) -> tuple[str, ...]:
+        """What TLS-RPT names as the policy (RFC 8460 §4.4 ``policy-string``): the usable
+        TLSA records under DANE, else the MTA-STS policy's lines, else nothing."""
+        if self.check.kind == "dane":
+            return tuple(str(record) for record in self.check.tlsa)
+        return self.sts.lines() if self.sts is not None else ()
 
 
 def decide_domain(
@@ -191,6 +200,8 @@ def decide_host(
     if local is not None:
         return _by_level(policy, host, trust)
     requirement = _without_dane(policy, host, trust)
+    if policy.sts is not None:
+        requirement = replace(requirement, sts=policy.sts)
     if tlsa.status is TlsaStatus.UNUSABLE and requirement.level <= TlsLevel.ENCRYPT:
         why = f"TLSA RRset of {tlsa.base or host} is secure, none usable: TLS mandatory"
         return replace(requirement, level=TlsLevel.ENCRYPT, source=PolicySource.DANE, why=why)

@@ -110,6 +110,11 @@ class StsPolicy:
         """Whether ``host`` matches one of the policy's ``mx`` patterns."""
         return any(mx_matches(pattern, host) for pattern in self.mx)
 
+    def lines(self) -> tuple[str, ...]:
+        """The policy as its fields (TLS-RPT's ``policy-string``, RFC 8460 §4.4)."""
+        mx = tuple(f"mx: {pattern}" for pattern in self.mx)
+        return ("version: STSv1", f"mode: {self.mode.value}", *mx, f"max_age: {self.max_age}")
+
 
 class StsError(ValueError):
     """An MTA-STS record or policy that cannot be used. ``reason`` is the RFC 8460 type."""

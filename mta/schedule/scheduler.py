@@ -30,6 +30,7 @@ from typing import Final, Protocol
 from mta.clock import Clock
 from mta.config import OutboundConfig
 from mta.errors import SpoolCorrupt
+from mta.events import DeliveryAttempt, EventSink
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult
 from mta.reply import S451_LOCAL_ERROR
 from mta.report.dsn import EXPIRED_STATUS, FailedRecipient, build_dsn, header_block, status_of
@@ -109,6 +110,7 @@ class Scheduler:
         outbound: concurrency limits and the retry schedule (``retry_min``, ``retry_max``).
         max_age: seconds after which a message still pending is bounced.
         hostname: our name, for DSNs.
+        events: told of every settled attempt (``events.DeliveryAttempt``).
     """
 
     def __init__(
@@ -120,7 +122,9 @@ class Scheduler:
         outbound: OutboundConfig,
         max_age: float,
         hostname: str,
+        events: EventSink | None = None,
     ) -> None:
+        self._events = events
         self._store = store
         self._agent = agent
         self._clock = clock
@@ -410,6 +414,7 @@ class Scheduler:
                 "schedule.expired",
                 extra={"qid": qid, "domain": result.domain, "rcpts": len(expired)},
             )
+        settled = _expired(result, {r.rcpt for r in expired})
         sender = entry.envelope.mail_from
         if (
             failed
@@ -417,10 +422,13 @@ class Scheduler:
             and not await self._queue_dsn(qid, entry.envelope, headers, failed, now)
         ):
             # Bouncing without a stored DSN would lose the news: stay pending instead.
-            state, _ = entry.state.apply(_bounces_deferred(result), now, **retry)
+            settled = _bounces_deferred(result)
+            state, _ = entry.state.apply(settled, now, **retry)
             failed = []
         entry.state = state
         _log_result(qid, result, state, len(failed))
+        if self._events is not None:
+            self._events(DeliveryAttempt(now, qid, entry.envelope.received_at, settled))
         if not state.done and any(r.outcome is Outcome.DEFERRED for r in result.results):
             self._forget_content(entry)  # retries read the record: memory stays bounded
         if state.done:
@@ -523,6 +531,16 @@ def _complete(result: DeliveryResult, rcpts: Sequence[str]) -> DeliveryResult:
             extra={"domain": result.domain, "missing": len(missing)},
         )
     return replace(result, results=tuple(kept + missing))
+
+
+def _expired(result: DeliveryResult, expired: set[str]) -> DeliveryResult:
+    """The result as settled: a recipient that expired in this attempt bounced."""
+    return replace(
+        result,
+        results=tuple(
+            replace(r, outcome=Outcome.BOUNCED) if r.rcpt in expired else r for r in result.results
+        ),
+    )
 
 
 def _bounces_deferred(result: DeliveryResult) -> DeliveryResult:

@@ -449,3 +449,42 @@ def test_a_deferral_carries_the_requirement_of_the_last_host_tried() -> None:
     assert (result.address, result.policy) == ("127.0.0.21", policy)
     assert result.policy is not None
     assert result.policy.rpt_policy_type == "sts"
+
+
+def test_every_host_tried_is_one_session_record_in_order() -> None:
+    """TLS-RPT counts sessions, not messages (RFC 8460 §4.3): a host the MTA-STS policy
+    refused, a TLS failure and the host that took the mail are three records."""
+    dns = FakeDns(
+        mx={
+            "dest.test": MxHosts(
+                (
+                    MxRecord(5, "mx.evil.test"),
+                    MxRecord(10, "mx1.dest.test"),
+                    MxRecord(20, "mx2.dest.test"),
+                )
+            )
+        },
+        addresses={
+            "mx1.dest.test": AddressesFound(("127.0.0.21",)),
+            "mx2.dest.test": AddressesFound(("127.0.0.22",)),
+        },
+    )
+    policy = StsPolicy(StsMode.TESTING, ("*.dest.test",), 86400)
+    sessions = FakeSessions({"127.0.0.21": TLS_FAILED})
+    result = deliver(config(), dns, sessions, sts=FakeSts(StsFacts(policy, "id1", "fresh")))
+    assert outcomes(result) == {Outcome.SENT}
+    assert [(s.mx, s.address, s.result_type) for s in result.sessions] == [
+        ("mx1.dest.test", "127.0.0.21", "starttls-not-supported"),
+        ("mx2.dest.test", "127.0.0.22", None),
+    ]
+    assert result.sessions[0].reply == TLS_FAILED.reply
+    assert result.sessions[1].tls == TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+
+
+def test_a_host_refused_by_the_policy_is_a_session_without_an_address() -> None:
+    dns = FakeDns(mx={"dest.test": MxHosts((MxRecord(10, "mx.evil.test"),))})
+    policy = StsPolicy(StsMode.ENFORCE, ("mx.dest.test",), 86400)
+    result = deliver(config(), dns, FakeSessions(), sts=FakeSts(StsFacts(policy, "id1", "fresh")))
+    assert [(s.mx, s.address, s.result_type) for s in result.sessions] == [
+        ("mx.evil.test", "", "validation-failure")
+    ]

@@ -13,6 +13,7 @@ import pytest
 
 from mta.config import OutboundConfig
 from mta.errors import SpoolError
+from mta.events import DeliveryAttempt, Event
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult
 from mta.reply import SmtpReply
 from mta.schedule.scheduler import QueueEntry, Scheduler
@@ -37,6 +38,7 @@ class Rig:
         max_per_destination: int = 5,
         max_age: float = MAX_AGE,
     ) -> None:
+        self.events: list[Event] = []
         self.clock = FakeClock()
         self.store = MemoryStore()
         self.agent = agent or FakeAgent()
@@ -52,6 +54,7 @@ class Rig:
             ),
             max_age=max_age,
             hostname="relay.example.org",
+            events=self.events.append,
         )
 
     def submit(self, env: Envelope, content: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> QueueId:
@@ -518,3 +521,29 @@ def _deferred(domain: str, rcpt: str) -> DeliveryResult:
 
 def _sent(domain: str, rcpt: str) -> DeliveryResult:
     return DeliveryResult(domain, (RecipientResult(rcpt, Outcome.SENT, OK),))
+
+
+def test_each_settled_attempt_is_one_event_with_expiry_applied() -> None:
+    """DESIGN.md: one typed event per attempt, as settled. A deferral past the maximum
+    age is reported as the bounce it became, not as the agent's deferral."""
+
+    async def main() -> None:
+        rig = Rig(FakeAgent(by_domain({"b.test": LATER})), max_age=1000.0)
+        qid = rig.submit(envelope("bob@b.test", "carol@c.test"))
+        await rig.scheduler.run_once()
+        rig.clock.advance(1000)
+        await rig.scheduler.run_once()
+        attempts = [e for e in rig.events if isinstance(e, DeliveryAttempt)]
+        assert [(e.qid, e.domain, e.received_at) for e in attempts] == [
+            (qid, "b.test", T0),
+            (qid, "c.test", T0),
+            (qid, "b.test", T0),
+        ]
+        assert [[r.outcome for r in e.result.results] for e in attempts] == [
+            [Outcome.DEFERRED],
+            [Outcome.SENT],
+            [Outcome.BOUNCED],
+        ]
+        assert [e.at for e in attempts] == [T0, T0, T0 + 1000]
+
+    run(main)
