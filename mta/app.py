@@ -38,7 +38,7 @@ from mta.policy.sts_fetch import StsFetcher
 from mta.policy.verify import TrustStore, load_trust_store
 from mta.receive.auth import PasswordFile
 from mta.receive.server import Sessions, start_listeners
-from mta.receive.tls import ensure_self_signed, server_context
+from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
 from mta.schedule.scheduler import Scheduler
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
@@ -232,17 +232,24 @@ class Relay:
 def _tls_contexts(
     config: Config, hostname: str
 ) -> tuple[Callable[[ListenerConfig], ssl.SSLContext], Path | None]:
-    """One server context per listener; a self-signed certificate where none is configured."""
+    """One server context per listener; a self-signed pair where none is configured.
+
+    Each certificate's problems (expiry, SHA-1, not naming ``hostname``) are logged
+    once, as ``receive.tls.certificate`` warnings.
+    """
     created: Path | None = None
     contexts: dict[int, ssl.SSLContext] = {}
+    warned: set[Path] = set()
     for listener in config.listeners:
-        cert, key = listener.tls_cert, listener.tls_key
-        if cert is None or key is None:
-            cert, key, made = ensure_self_signed(config.home / "tls", hostname)
-            created = created or (cert if made else None)
+        chains = list(listener.tls_chains)
+        if not chains:
+            chains, made = ensure_self_signed(config.home / "tls", hostname)
+            created = created or (chains[0][0] if made else None)
         contexts[id(listener)] = server_context(
-            cert, key, listener.tls_client_ca, require_client=listener.require_client_cert
+            chains, listener.tls_client_ca, require_client=listener.require_client_cert
         )
+        warn_certificates([pair for pair in chains if pair[0] not in warned], hostname)
+        warned.update(cert for cert, _key in chains)
     return (lambda listener: contexts[id(listener)]), created
 
 

@@ -26,6 +26,8 @@ from mta.errors import ConfigError
 from mta.model import TlsLevel
 from mta.policy.dnssec import ROOT_NS, ProbeSpec, parse_probe
 from mta.policy.local import DomainPolicy, Nexthop, most_specific, normalise_fingerprint
+from mta.receive.addresses import AddressError, parse_path
+from mta.receive.senders import SenderLogin, parse_grant
 
 ListenerMode = Literal["relay", "submission", "smtps"]
 LISTENER_MODES: Final = ("relay", "submission", "smtps")
@@ -41,8 +43,8 @@ class ListenerConfig:
     port: int = 2525
     mode: ListenerMode = "relay"
     require_tls: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    # (certificate chain, key) pairs, one per key type (RSA and ECDSA); () = self-signed
+    tls_chains: tuple[tuple[Path, Path], ...] = ()
     tls_client_ca: Path | None = None  # ask for client certificates issued by this CA
     require_client_cert: bool = False  # refuse the TLS handshake without one
 
@@ -160,6 +162,8 @@ class Config:
     dane: DaneConfig
     mta_sts: MtaStsConfig
     domains: tuple[DomainPolicy, ...] = ()
+    postmaster: str = ""  # RCPT TO:<postmaster> goes here; "" = postmaster@<hostname>
+    sender_logins: tuple[SenderLogin, ...] = ()  # what each AUTH user may send as
 
     @property
     def control_socket(self) -> Path:
@@ -332,6 +336,10 @@ def _path(table: _Table, name: str, home: Path, default: str | None) -> Path | N
     text = table.get(name, str, default)
     if not text:
         return None
+    return _path_of(table, name, home, text)
+
+
+def _path_of(table: _Table, name: str, home: Path, text: str) -> Path:
     if "\0" in text:
         raise table.error(name, "a path cannot hold a NUL character")
     try:
@@ -372,11 +380,12 @@ def _listener(table: _Table, home: Path) -> ListenerConfig:
     mode = table.get("mode", str, "relay")
     if mode not in LISTENER_MODES:
         raise table.error("mode", f"expected one of {', '.join(LISTENER_MODES)}, got {mode!r}")
-    cert = _path(table, "tls_cert", home, None)
-    key = _path(table, "tls_key", home, None)
-    if (cert is None) != (key is None):
+    certs = _paths(table, "tls_cert", home)
+    keys = _paths(table, "tls_key", home)
+    if len(certs) != len(keys):
         raise table.error(
-            "tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together"
+            "tls_key" if len(keys) < len(certs) else "tls_cert",
+            "tls_cert and tls_key go together (as many keys as certificates)",
         )
     client_ca = _path(table, "tls_client_ca", home, None)
     require_client_cert = table.get("require_client_cert", bool, False)
@@ -387,13 +396,23 @@ def _listener(table: _Table, home: Path) -> ListenerConfig:
         port=port,
         mode=mode,  # type: ignore[arg-type]
         require_tls=table.get("require_tls", bool, mode != "relay"),
-        tls_cert=cert,
-        tls_key=key,
+        tls_chains=tuple(zip(certs, keys, strict=True)),
         tls_client_ca=client_ca,
         require_client_cert=require_client_cert,
     )
     table.done()
     return listener
+
+
+def _paths(table: _Table, name: str, home: Path) -> tuple[Path, ...]:
+    """A path, or a list of paths (``tls_cert = ["rsa.pem", "ecdsa.pem"]``)."""
+    if not isinstance(table.raw.get(name), list):
+        path = _path(table, name, home, None)
+        return () if path is None else (path,)
+    texts = table.strings(name)
+    if not all(texts):
+        raise table.error(name, "expected paths, got an empty string")
+    return tuple(_path_of(table, name, home, text) for text in texts)
 
 
 def _network(text: str) -> IpNetwork:
@@ -449,6 +468,7 @@ def validate(
     top = _Table(source, "", raw)
     top.strings("include")  # read by load(); checked here so a bad value names its key
     hostname = top.get("hostname", str, "")
+    postmaster = top.convert("postmaster", str, "", _mailbox)
 
     listeners = tuple(_listener(t, home) for t in top.tables("listener"))
     if not listeners:
@@ -551,6 +571,7 @@ def validate(
     auth_t = top.table("auth")
     auth = AuthConfig(password_file=_path(auth_t, "password_file", home, None))
     auth_t.done()
+    sender_logins = _sender_logins(top.tables("sender_login"))
 
     log_t = top.table("log")
     level = log_t.get("level", str, "INFO").upper()
@@ -590,7 +611,40 @@ def validate(
         dane=dane,
         mta_sts=mta_sts,
         domains=tuple(domains),
+        postmaster=postmaster,
+        sender_logins=sender_logins,
     )
+
+
+def _mailbox(text: str) -> str:
+    """An address as the relay stores it (``parse_path``), or ``""`` for an empty string."""
+    if not text.strip():
+        return ""
+    try:
+        path = parse_path(text)
+    except AddressError as err:
+        raise ValueError(
+            f"expected an address like postmaster@example.com, got {text!r}: {err}"
+        ) from None
+    if path.route:
+        raise ValueError(f"expected an address without a source route, got {text!r}")
+    return path.address
+
+
+def _sender_logins(tables: Sequence[_Table]) -> tuple[SenderLogin, ...]:
+    """The ``[[sender_login]]`` tables: one per AUTH user, naming what else it may send as."""
+    logins: dict[str, SenderLogin] = {}
+    for table in tables:
+        if "user" not in table.raw:
+            raise table.error("user", "required")
+        user = table.get("user", str, "")
+        if not user or any(c.isspace() or c == ":" for c in user):
+            raise table.error("user", f"expected a user name of the password file, got {user!r}")
+        if user in logins:
+            raise table.error("user", f"{user!r} already has a [[sender_login]] table")
+        logins[user] = SenderLogin(user, _list_of(table, "senders", parse_grant))
+        table.done()
+    return tuple(logins.values())
 
 
 def _domain_policy(table: _Table, home: Path) -> DomainPolicy:

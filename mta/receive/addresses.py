@@ -108,6 +108,12 @@ def parse_path(text: str, *, allow_null: bool = False) -> MailPath:
     return MailPath(local_part, _domain(rest[1:]), route, quoted)
 
 
+def parse_domain(text: str) -> str:
+    """A domain or address literal, checked and normalised as in a path (lower case, no
+    final dot); ``AddressError`` otherwise."""
+    return _domain(text)
+
+
 def _route_domain(hop: str) -> str:
     if not hop.startswith("@"):
         raise AddressError(f"bad source route hop {hop!r}")
@@ -158,6 +164,15 @@ def _address_literal(text: str) -> str:
         return f"[{ipaddress.IPv4Address(inner)}]"
     except ValueError:
         raise AddressError("bad address literal") from None
+
+
+def is_bare_postmaster(text: str) -> bool:
+    """Whether a forward-path is ``<Postmaster>`` with no domain, in any case (RFC 5321
+    §4.1.1.3, §4.5.1: every SMTP server must accept it, for its own postmaster)."""
+    path = text.strip()
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1]
+    return path.lower() == "postmaster"
 
 
 def relay_tricks(path: MailPath) -> tuple[str, ...]:

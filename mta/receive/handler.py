@@ -9,12 +9,18 @@ client get ``250``.
   may send anywhere; anyone else only to ``relay.local_domains``, and never through
   sender-specified routing (``user%other@local``, ``@a:b@local``, ``a!b@local``,
   ``"a@b"@local``), which gets ``554 5.7.1``. Broken syntax is ``501 5.1.3`` for all.
+  ``RCPT TO:<postmaster>`` (no domain, any case) is accepted from anyone and stored as
+  the configured ``postmaster`` (RFC 5321 §4.5.1).
+- MAIL after AUTH: the sender must be one the login owns (``senders``: Postfix's
+  ``reject_sender_login_mismatch``), else ``553 5.7.1 <addr>: Sender address rejected:
+  not owned by user alice``; checked at every MAIL, so after RSET too.
 - DATA with a bare CR or LF (outside CRLF) is refused with ``550 5.5.2``: aiosmtpd
   passes them through, and a downstream server that takes ``<LF>.<LF>`` as the end of
   data could be fed a second, smuggled message (SMTP smuggling, CVE-2023-51764).
 - Accepted mail gets a Postfix-style ``Received:`` header with the TLS protocol and
-  cipher, or ``(no TLS)``. It carries no ``id``: the queue id exists only once the
-  spool has stored the message, and the header is part of what it stores.
+  cipher, or ``(no TLS)``, and after AUTH ``(Authenticated sender: alice)``. It carries
+  no ``id``: the queue id exists only once the spool has stored the message, and the
+  header is part of what it stores.
 - ``accept`` raising ``SpoolError`` is ``452 4.3.1``; any other error ``451 4.3.0``.
   The session carries on either way.
 """
@@ -43,11 +49,13 @@ from mta.model import Envelope, QueueId
 from mta.receive.addresses import (
     AddressError,
     MailPath,
+    is_bare_postmaster,
     is_local,
     parse_path,
     path_argument,
     relay_tricks,
 )
+from mta.receive.senders import SenderLogins
 from mta.reply import (
     S250_RCPT_OK,
     S250_SENDER_OK,
@@ -57,6 +65,7 @@ from mta.reply import (
     S501_BAD_SENDER,
     S550_BARE_LINE_ENDING,
     S554_RELAY_DENIED,
+    SmtpReply,
 )
 
 log = logging.getLogger(__name__)
@@ -140,6 +149,7 @@ def received_header(
     protocol: str,
     tls: str,
     now: float,
+    user: str | None = None,
 ) -> bytes:
     """A ``Received:`` trace field (RFC 5321 §4.4), folded as Postfix folds it.
 
@@ -150,8 +160,10 @@ def received_header(
         protocol: ``SMTP``, ``ESMTP``, ``ESMTPS``, ``ESMTPA`` or ``ESMTPSA`` (RFC 3848).
         tls: ``tls_comment(...)``.
         now: seconds since the epoch.
+        user: the AUTH login, written ``(Authenticated sender: alice)`` as Postfix's
+            ``smtpd_sasl_authenticated_header`` does (the name only, never a secret).
     """
-    name = _HELO_UNSAFE.sub("?", helo)[:255] or "unknown"
+    name = safe_comment(helo) if helo else "unknown"
     literal = ""
     if ip:
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
@@ -159,10 +171,45 @@ def received_header(
     lines = [
         f"Received: from {name} ({literal or 'unknown'})",
         f"\t{tls}",
+        *([f"\t(Authenticated sender: {safe_comment(user)})"] if user is not None else []),
         f"\tby {hostname} (mta) with {protocol};",
         f"\t{when}",
     ]
     return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def safe_comment(text: str) -> str:
+    """``text`` fit for a header comment or a reply: printable ASCII, no parentheses."""
+    return _HELO_UNSAFE.sub("?", text)[:255] or "?"
+
+
+def login_of(session: Session) -> str | None:
+    """The user name the client logged in as (``auth.PasswordFile`` stores it), or None."""
+    if not session.authenticated:
+        return None
+    return session.auth_data if isinstance(session.auth_data, str) else ""
+
+
+def postmaster_address(configured: str, hostname: str) -> str:
+    """Where ``RCPT TO:<postmaster>`` goes: the ``postmaster`` key, else
+    ``postmaster@<hostname>`` (an address literal when the host name is an address)."""
+    if configured:
+        return configured
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        return f"postmaster@{hostname.lower().rstrip('.')}"
+    literal = f"IPv6:{address.compressed}" if address.version == 6 else str(address)
+    return f"postmaster@[{literal}]"
+
+
+def sender_not_owned(sender: MailPath, user: str) -> SmtpReply:
+    """Postfix's words for ``reject_sender_login_mismatch``."""
+    return SmtpReply(
+        553,
+        "5.7.1",
+        f"<{sender.address}>: Sender address rejected: not owned by user {safe_comment(user)}",
+    )
 
 
 def with_protocol(session: Session, tls: bool) -> str:
@@ -215,6 +262,8 @@ class RelayHandler:
         self.accept = accept
         self.hostname = hostname
         self.clock: Clock = clock or SystemClock()
+        self.sender_logins = SenderLogins(config.sender_logins)
+        self.postmaster = postmaster_address(config.postmaster, hostname)
 
     def __dir__(self) -> list[str]:
         return hook_names(type(self), ("handle_", "auth_"))  # see hook_names
@@ -246,9 +295,21 @@ class RelayHandler:
         mail_options: list[str],
     ) -> str:
         try:
-            parse_path(address, allow_null=True)
+            sender = parse_path(address, allow_null=True)
         except AddressError:
             return str(S501_BAD_SENDER)
+        user = login_of(session)
+        if user is not None and not self.sender_logins.allows(user, sender):
+            # Checked at every MAIL, so a second transaction (after RSET) is checked too.
+            log.info(
+                "receive.sender_login_mismatch",
+                extra={
+                    "client": client_ip(session),
+                    "user": redact(user),
+                    "sender": redact(sender.address),
+                },
+            )
+            return str(sender_not_owned(sender, user))
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return str(S250_SENDER_OK)
@@ -265,12 +326,16 @@ class RelayHandler:
         # (kept by server.RelaySMTP) still shows it, and a route is a relay trick.
         raw = getattr(server, "rcpt_argument", None)
         try:
-            path = parse_path(path_argument(raw, "TO:") if isinstance(raw, str) else address)
+            text = path_argument(raw, "TO:") if isinstance(raw, str) else address
+            postmaster = is_bare_postmaster(text)
+            path = parse_path(self.postmaster if postmaster else text)
         except AddressError:
             return str(S501_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= self.config.limits.recipients:
             return str(S452_TOO_MANY_RCPTS)
-        denied = self._relay_denied(server, session, path)
+        # <postmaster> is accepted from anyone (RFC 5321 §4.5.1); it goes to one address
+        # of the operator's choosing, so it opens no relay.
+        denied = None if postmaster else self._relay_denied(server, session, path)
         if denied:
             log.info(
                 "receive.relay_denied",
@@ -298,6 +363,7 @@ class RelayHandler:
             protocol=with_protocol(session, tls is not None),
             tls=tls_comment(tls),
             now=now,
+            user=login_of(session),
         )
         mail_from = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         message = Envelope(
@@ -317,6 +383,8 @@ class RelayHandler:
             "size": len(content),
             "tls": tls.version() if tls is not None else "none",
         }
+        if session.authenticated:
+            facts["user"] = redact(login_of(session) or "")
         try:
             qid = await self.accept(message, content)
         except SpoolError as err:

@@ -148,10 +148,12 @@ _SINGLE_LINE = re.compile(r"(\d{3}) (.*)", re.DOTALL)
 # ``<dot-atom@domain>`` then nothing, or spaces and parameters: what nearly every client
 # sends. aiosmtpd parses each address with the email package's header parser (and
 # defines a class per call); for this form that parser returns exactly the text
-# between the brackets, so it is taken as it is (``test_fast_getaddr``).
+# between the brackets, so it is taken as it is (``test_fast_getaddr``). A final dot on
+# the domain (``<x@example.com.>``, a fully qualified name), which that parser refuses, is
+# accepted and dropped, as the rest of the address code does (``addresses.parse_path``).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ANGLE_ADDR = re.compile(
-    rf" *<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| +(?=[^ (]|$))"
+    rf" *<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)\.?>(?:$| +(?=[^ (]|$))"
 )
 
 
@@ -632,6 +634,11 @@ class RelaySMTP(SMTP):
             )
         await self.push("220 2.0.0 Ready to start TLS")
         plain = self.transport
+        # The plaintext pipelined after STARTTLS is dropped here, with no await between
+        # this and start_tls taking the transport over. Not after the handshake: by then
+        # the buffer may hold the client's first command under TLS (sent with its TLS 1.3
+        # Finished), and a client that waits for its reply would hang.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
             secure = await self.loop.start_tls(
                 cast(asyncio.WriteTransport, plain),
@@ -652,7 +659,6 @@ class RelaySMTP(SMTP):
         # The same private hand-over aiosmtpd's own connection_made does after STARTTLS.
         self._reader._transport = secure  # type: ignore[attr-defined]
         self._writer._transport = secure  # type: ignore[attr-defined]
-        self._reader._buffer.clear()  # type: ignore[attr-defined]  # pipelined: discarded
         self._set_rset_state()  # type: ignore[no-untyped-call]
         self.session = self._create_session()
         self.session.peer = secure.get_extra_info("peername")

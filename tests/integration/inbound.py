@@ -37,6 +37,13 @@ TRUSTED = "127.0.0.2"  # the only relay.networks entry in these tests
 TIMEOUT = 10.0
 USER, PASSWORD = "alice", "correct horse battery"
 T = TypeVar("T")
+ADDRESS_USER = "bob@local.test"  # a login that is an address: it may send as itself
+# What USER may send as (a login that is not an address owns nothing it is not granted).
+SENDER_LOGINS = f"""
+[[sender_login]]
+user = "{USER}"
+senders = ["{USER}@example.test", "@shop.test"]
+"""
 
 
 class Recorder:
@@ -141,10 +148,16 @@ def make_config(
     listener: str = 'mode = "relay"',
     auth: bool = True,
     limits: str = "",
+    top: str = "",
 ) -> Config:
-    """A test policy; listener ports are set to 0 (the OS picks) after validation."""
+    """A test policy; listener ports are set to 0 (the OS picks) after validation.
+
+    ``top``: top-level keys, then tables of the policy (``SENDER_LOGINS`` always follow).
+    """
     text = f"""
 hostname = "mx.test"
+{top}
+{SENDER_LOGINS}
 [[listener]]
 address = "{HOST}"
 {listener}
@@ -169,13 +182,14 @@ def listener_context(ca: trustme.CA, directory: Path) -> ssl.SSLContext:
     issued.private_key_pem.write_to_path(str(key))
     for index, blob in enumerate(issued.cert_chain_pems):
         blob.write_to_path(str(cert), append=index > 0)
-    return server_context(cert, key)
+    return server_context([(cert, key)])
 
 
 def password_file(directory: Path) -> PasswordFile:
-    """A password file with USER / PASSWORD."""
+    """A password file with USER and ADDRESS_USER, both with PASSWORD."""
     path = directory / "passwd"
     add_user(path, USER, PASSWORD)
+    add_user(path, ADDRESS_USER, PASSWORD)
     return PasswordFile.load(path)
 
 

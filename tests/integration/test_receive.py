@@ -7,21 +7,25 @@ with ``smtplib`` (or raw bytes where a well-behaved client would not send them).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
 import smtplib
 import socket
 import ssl
+import subprocess
 import threading
 import warnings
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from mta.errors import ConfigError, SpoolFull
 from mta.receive.auth import PasswordFile
 from tests.integration.inbound import (
+    ADDRESS_USER,
     HOST,
     PASSWORD,
     TIMEOUT,
@@ -210,7 +214,7 @@ def test_authenticated_client_relays_anywhere(
         smtp.starttls(context=client_context)
         smtp.ehlo()
         smtp.login(USER, PASSWORD)
-        assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+        assert smtp.sendmail("alice@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
     assert recorder.calls[0][0].rcpt_tos == ("b@other.test",)
     assert b"with ESMTPSA;" in recorder.calls[0][1]
 
@@ -275,7 +279,7 @@ def test_submission_requires_tls_and_auth(
         smtp.ehlo()
         assert reply(smtp, "MAIL FROM:<a@example.test>") == ("530 5.7.0 Authentication required")
         smtp.login(USER, PASSWORD)
-        assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+        assert smtp.sendmail("alice@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
     assert len(recorder.calls) == 1
 
 
@@ -307,7 +311,7 @@ def test_smtps_implicit_tls(
             assert "AUTH" in features
             assert reply(smtp, "STARTTLS").startswith("503 5.5.1")
             smtp.login(USER, PASSWORD)
-            assert smtp.sendmail("a@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
+            assert smtp.sendmail("alice@example.test", ["b@other.test"], MESSAGE[:-3]) == {}
         # a plaintext client gets no SMTP greeting from an implicit-TLS port
         with socket.create_connection((HOST, relay.port), timeout=TIMEOUT) as sock:
             sock.sendall(b"EHLO client.test\r\n")
@@ -590,3 +594,214 @@ def test_replies_to_pipelined_commands_come_in_one_tls_record(
         client.send(b"Subject: one\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         assert client.reply().startswith("250")
         assert client.reply().startswith("221")
+
+
+# --- who a logged-in user may send as (issue 8 §6) ---
+
+
+async def _submit(
+    port: int,
+    context: ssl.SSLContext,
+    senders: list[str],
+    *,
+    user: str = USER,
+    rset: bool = False,
+) -> list[str]:
+    """One aiosmtplib session (STARTTLS, AUTH PLAIN): a transaction per sender, each
+    ``MAIL FROM``, ``RCPT TO``, ``DATA`` as far as the server lets it go; a ``RSET``
+    between them when asked. Returns the reply to each ``MAIL FROM`` (and to ``DATA``
+    where the server took it), in order."""
+    client = aiosmtplib.SMTP(
+        hostname=HOST,
+        port=port,
+        start_tls=True,
+        tls_context=context,
+        local_hostname="client.test",
+        timeout=TIMEOUT,
+    )
+    replies: list[str] = []
+    async with client:
+        await client.login(user, PASSWORD)
+        for sender in senders:
+            mail = await client.execute_command(f"MAIL FROM:<{sender}>".encode())
+            replies.append(f"{mail.code} {mail.message}")
+            if mail.code == 250:
+                await client.rcpt("b@other.test")
+                data = await client.data(MESSAGE[:-3])
+                replies.append(f"{data.code} {data.message}")
+            if rset:
+                await client.rset()
+        sock = client.get_transport_info("socket")
+    # The TLS close (close_notify) finishes after QUIT returns: let it, before
+    # asyncio.run closes the loop under it (bounded).
+    for _ in range(100):
+        if sock.fileno() == -1:
+            break
+        await asyncio.sleep(0.01)
+    return replies
+
+
+def test_login_sends_as_itself_and_its_grants(
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext
+) -> None:
+    replies = asyncio.run(
+        _submit(relay.port, client_context, [f"{USER}@example.test", "orders@shop.test", ""])
+    )
+    assert [r[:3] for r in replies] == ["250"] * 6
+    assert [call[0].mail_from for call in recorder.calls] == [
+        f"{USER}@example.test",
+        "orders@shop.test",
+        "",  # the null sender: allowed to every login, as Postfix does
+    ]
+    content = recorder.calls[0][1]
+    header = content.split(b"\r\nFrom: ")[0]
+    assert f"\r\n\t(Authenticated sender: {USER})\r\n\tby mx.test (mta) with ESMTPSA;".encode() in (
+        header
+    )
+    assert PASSWORD.encode() not in content
+
+
+@pytest.mark.parametrize("sender", ["ceo@local.test", "ceo@example.test", "bob@local.test"])
+def test_login_cannot_send_as_anyone_else(
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext, sender: str
+) -> None:
+    replies = asyncio.run(_submit(relay.port, client_context, [sender]))
+    assert replies == [f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user {USER}"]
+    assert recorder.calls == []
+
+
+def test_every_transaction_is_checked(
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext
+) -> None:
+    """Allowed first, then (after RSET, and without) someone else's address: refused."""
+    senders = [f"{USER}@example.test", "ceo@local.test", "x@shop.test", "ceo@local.test"]
+    replies = asyncio.run(_submit(relay.port, client_context, senders, rset=True))
+    assert [r[:9] for r in replies] == [
+        "250 2.1.0",
+        "250 2.0.0",
+        "553 5.7.1",
+        "250 2.1.0",
+        "250 2.0.0",
+        "553 5.7.1",
+    ]
+    assert len(recorder.calls) == 2
+
+
+def test_a_login_that_is_an_address_owns_itself_only(
+    relay: Relay, recorder: Recorder, client_context: ssl.SSLContext
+) -> None:
+    replies = asyncio.run(
+        _submit(
+            relay.port,
+            client_context,
+            [ADDRESS_USER.upper(), f"{USER}@example.test"],
+            user=ADDRESS_USER,
+        )
+    )
+    assert replies[0].startswith("250 2.1.0")
+    assert replies[2].startswith("553 5.7.1")
+    assert recorder.calls[0][0].mail_from == ADDRESS_USER.upper()
+
+
+def test_swaks_submission_as_someone_else(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    ca_file: Path,
+    passwords: PasswordFile,
+) -> None:
+    """A real submission client on a submission listener: STARTTLS, AUTH, then a sender
+    the login does not own."""
+    config = make_config(tmp_path, listener='mode = "submission"')
+    with Relay(config, recorder, server_tls, passwords.authenticator) as relay:
+        done = subprocess.run(
+            [
+                "/usr/bin/swaks",
+                *("--server", HOST, "--port", str(relay.port), "--helo", "client.test"),
+                *("--tls", "--tls-verify", "--tls-ca-path", str(ca_file)),
+                *("--auth", "PLAIN", "--auth-user", USER, "--auth-password", PASSWORD),
+                *("--from", "ceo@local.test", "--to", "b@other.test"),
+                "--suppress-data",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 3,
+            check=False,
+        )
+    assert "235 2.7.0 Authentication successful" in done.stdout
+    assert (
+        "<~* 553 5.7.1 <ceo@local.test>: Sender address rejected: not owned by user alice"
+        in done.stdout
+    )
+    assert recorder.calls == []
+
+
+def test_logs_name_the_user_hashed(
+    relay: Relay, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mta")
+    asyncio.run(_submit(relay.port, client_context, [f"{USER}@example.test", "ceo@local.test"]))
+    accepted = wait_for_record(caplog, "receive.accepted")
+    mismatch = wait_for_record(caplog, "receive.sender_login_mismatch")
+    assert getattr(accepted, "user", "").startswith("h:")
+    assert getattr(mismatch, "user", "").startswith("h:")
+    assert getattr(mismatch, "sender", "").endswith("@local.test")
+    for record in caplog.records:
+        text = " ".join(str(value) for value in record.__dict__.values())
+        assert f"={USER}" not in text
+        assert PASSWORD not in text
+        assert "ceo@local.test" not in text
+
+
+# --- RCPT TO:<postmaster>, a final dot ---
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [("", "postmaster@mx.test"), ('postmaster = "admin@ops.test"', "admin@ops.test")],
+)
+@pytest.mark.parametrize("rcpt", ["<postmaster>", "<PostMaster>"])
+def test_bare_postmaster_goes_to_the_configured_address(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    passwords: PasswordFile,
+    top: str,
+    expected: str,
+    rcpt: str,
+) -> None:
+    """RFC 5321 §4.5.1: accepted from anyone (not a relay: the address is ours to pick)."""
+    config = make_config(tmp_path, top=top)
+    with (
+        Relay(config, recorder, server_tls, passwords.authenticator) as relay,
+        relay.client() as smtp,
+    ):
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        assert reply(smtp, f"RCPT TO:{rcpt}").startswith("250 2.1.5")
+        assert send_data(smtp, MESSAGE).startswith("250 2.0.0")
+    assert recorder.calls[0][0].rcpt_tos == (expected,)
+
+
+@pytest.mark.parametrize(
+    ("source", "rcpt", "stored"),
+    [
+        (HOST, "<x@LOCAL.TEST.>", "x@local.test"),
+        (TRUSTED, "<x@OURS.EXAMPLE.>", "x@ours.example"),
+        (TRUSTED, "<x@OURS.EXAMPLE.> NOTIFY=NEVER", None),  # parameters: still parsed (555)
+    ],
+)
+def test_a_final_dot_is_normalised(
+    relay: Relay, recorder: Recorder, source: str, rcpt: str, stored: str | None
+) -> None:
+    with relay.client(source) as smtp:
+        smtp.ehlo()
+        assert reply(smtp, "MAIL FROM:<a@Example.TEST.>").startswith("250 2.1.0")
+        answer = reply(smtp, f"RCPT TO:{rcpt}")
+        if stored is None:
+            assert answer.startswith("555")
+            return
+        assert answer.startswith("250 2.1.5")
+        assert send_data(smtp, MESSAGE).startswith("250 2.0.0")
+    assert recorder.calls[0][0].rcpt_tos == (stored,)
+    assert recorder.calls[0][0].mail_from == "a@Example.TEST"

@@ -7,6 +7,7 @@ import pytest
 from mta.receive.addresses import (
     AddressError,
     MailPath,
+    is_bare_postmaster,
     is_local,
     parse_path,
     path_argument,
@@ -149,3 +150,18 @@ def test_path_argument_invalid(argument: str) -> None:
 def test_quote_local_part(local: str, quoted: str) -> None:
     assert quote_local_part(local) == quoted
     assert parse_path(f"<{quoted}@x.test>") == MailPath(local, "x.test", (), quoted != local)
+
+
+@pytest.mark.parametrize(
+    ("text", "bare"),
+    [
+        ("<postmaster>", True),
+        ("<PostMaster>", True),
+        ("postmaster", True),
+        ("<postmaster@ours.example>", False),
+        ('<"postmaster">', False),
+        ("<postmasters>", False),
+    ],
+)
+def test_is_bare_postmaster(text: str, bare: bool) -> None:
+    assert is_bare_postmaster(text) is bare
