@@ -2,7 +2,8 @@
 # Debian packages the integration tests drive as real peers: swaks (SMTP client), openssl,
 # and for DANE a DNSSEC lab: knot (authoritative), unbound (validating resolver) and
 # ldnsutils (zone signing); testssl.sh scans our listener; postfix is the benchmark's
-# baseline. Installed when missing; the tests fail, not skip, without them.
+# baseline; prometheus scrapes our metrics and chromium renders the transparency report.
+# Installed when missing; the tests fail, not skip, without them.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
@@ -13,6 +14,8 @@ have postfix || need+=(postfix)  # benchmarks/ compare against it
 have knotd || need+=(knot)
 have unbound || need+=(unbound)
 have ldns-signzone || need+=(ldnsutils)
+have prometheus || need+=(prometheus)
+have chromium || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "system-deps: please install: ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -24,6 +27,6 @@ apt-get update -qq
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 # The Debian packages start system-wide daemons we do not use (the tests run their own).
-for unit in knot unbound postfix; do
+for unit in knot unbound postfix prometheus prometheus-node-exporter; do
     systemctl disable --now "$unit" >/dev/null 2>&1 || service "$unit" stop >/dev/null 2>&1 || true
 done
