@@ -38,6 +38,7 @@ __all__ = [
     "Event",
     "EventError",
     "EventSink",
+    "EventSource",
     "Events",
     "MessageReceived",
     "decode_event",
@@ -60,6 +61,7 @@ class MessageReceived:
     authenticated: bool
     size: int  # octets of content
     recipients: int
+    ack_seconds: float = 0.0  # from the end of DATA to the 250 (the record made durable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,9 @@ class DeliveryAttempt:
 
 Event = MessageReceived | DeliveryAttempt
 EventSink = Callable[[Event], None]
+EventSource = Callable[[float, float], Iterable[Event]]
+"""The events stored between two times (epoch seconds, start inclusive, end exclusive),
+oldest first: how TLS-RPT and the transparency report read the receipt log."""
 
 
 class Events:
@@ -125,6 +130,7 @@ def encode_event(event: Event) -> dict[str, Any]:
             "authenticated": event.authenticated,
             "size": event.size,
             "recipients": event.recipients,
+            "ack_seconds": event.ack_seconds,
         }
     result = event.result
     return {
@@ -176,6 +182,7 @@ def decode_event(doc: object) -> Event:
                 authenticated=_typed(doc, "authenticated", bool),
                 size=_typed(doc, "size", int),
                 recipients=_typed(doc, "recipients", int),
+                ack_seconds=_typed(doc, "ack_seconds", float),
             )
         if doc.get("type") == "attempt":
             result = DeliveryResult(

@@ -82,6 +82,7 @@ RECEIVED = MessageReceived(
     authenticated=False,
     size=1234,
     recipients=2,
+    ack_seconds=0.0125,
 )
 
 
