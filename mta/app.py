@@ -29,6 +29,7 @@ from mta.config import Config, ListenerConfig
 from mta.control import process_stats, start_control
 from mta.deliver.agent import DeliveryAgent
 from mta.errors import ConfigError, KeyFileError, MtaError
+from mta.events import Events
 from mta.model import Envelope, QueueId
 from mta.policy.dns import AddressesFound, DnsClient, resolver_is_trusted
 from mta.policy.dnssec_probe import DnssecProbe
@@ -202,6 +203,7 @@ class Relay:
 
     store: SpoolStore
     scheduler: Scheduler
+    events: Events
     servers: list[asyncio.Server]
     control: asyncio.Server
     destinations: Destinations
@@ -326,6 +328,9 @@ async def _start(config: Config) -> Relay:
     passwords = PasswordFile.load(config.auth.password_file) if config.auth.password_file else None
 
     clock = SystemClock()
+    # What happened, for the views of it (receipts, TLS-RPT, metrics, the report): the
+    # sinks are added below, as each view is built.
+    events = Events()
     destinations = build_destinations(config, clock)
     agent = DeliveryAgent(config, destinations.resolver)
     scheduler = Scheduler(
@@ -335,6 +340,7 @@ async def _start(config: Config) -> Relay:
         outbound=config.outbound,
         max_age=config.spool.max_age,
         hostname=hostname,
+        events=events,
     )
     recovered = await scheduler.recover()
 
@@ -352,7 +358,9 @@ async def _start(config: Config) -> Relay:
         tasks.append(asyncio.create_task(destinations.dnssec.run(), name="dnssec-probe"))
     authenticator = passwords.authenticator if passwords else None
     sessions = Sessions(config.limits)
-    servers = await start_listeners(config, accept, tls_for, authenticator, hostname, sessions)
+    servers = await start_listeners(
+        config, accept, tls_for, authenticator, hostname, sessions, events
+    )
 
     async def rewrap() -> str:
         done = await store.rewrap()
@@ -386,7 +394,9 @@ async def _start(config: Config) -> Relay:
             "default_level": config.outbound.default_level.label,
         },
     )
-    return Relay(store, scheduler, servers, control, destinations, agent, tasks, sessions=sessions)
+    return Relay(
+        store, scheduler, events, servers, control, destinations, agent, tasks, sessions=sessions
+    )
 
 
 async def serve(config: Config) -> None:

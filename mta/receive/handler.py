@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -44,6 +45,7 @@ from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.crlf import has_bare_line_ending
 from mta.errors import SpoolError
+from mta.events import EventSink, MessageReceived
 from mta.log import redact
 from mta.model import Envelope, QueueId
 from mta.receive.addresses import (
@@ -237,6 +239,15 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return list(names)
 
 
+def _listening_on(server: SMTP, listener: ListenerConfig) -> str:
+    """``address:port`` the session came in on (the bound port, where ``port = 0``)."""
+    transport = getattr(server, "transport", None)
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return f"{listener.address}:{sockname[1]}"
+    return f"{listener.address}:{listener.port}"
+
+
 class RelayHandler:
     """aiosmtpd handler for one listener.
 
@@ -246,6 +257,7 @@ class RelayHandler:
         accept: stores a message durably and schedules it; returns its queue id.
         hostname: our name, for the ``Received:`` header.
         clock: wall-clock time for ``Received:`` and the envelope (default: system).
+        events: told of every accepted message (``events.MessageReceived``).
     """
 
     def __init__(
@@ -256,9 +268,11 @@ class RelayHandler:
         hostname: str,
         *,
         clock: Clock | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
+        self.events = events
         self.accept = accept
         self.hostname = hostname
         self.clock: Clock = clock or SystemClock()
@@ -350,6 +364,7 @@ class RelayHandler:
         raw = envelope.original_content
         if not isinstance(raw, bytes):
             raw = bytes(raw or b"")
+        started = time.perf_counter()
         ip = client_ip(session)
         if has_bare_line_ending(raw):
             log.warning("receive.bare_line_ending", extra={"client": ip, "size": len(raw)})
@@ -394,6 +409,19 @@ class RelayHandler:
             log.exception("receive.accept_failed", extra=facts)
             return str(S451_LOCAL_ERROR)
         log.info("receive.accepted", extra={"qid": qid, **facts})
+        if self.events is not None:
+            self.events(
+                MessageReceived(
+                    now,
+                    qid,
+                    _listening_on(server, self.listener),
+                    tls.version() if tls is not None else None,
+                    bool(session.authenticated),
+                    len(content),
+                    len(message.rcpt_tos),
+                    time.perf_counter() - started,
+                )
+            )
         return f"250 2.0.0 Ok: queued as {qid}"
 
     async def handle_exception(self, error: Exception) -> str:

@@ -83,6 +83,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException,
 
 from mta.config import Config, LimitsConfig, ListenerConfig
 from mta.errors import ConfigError
+from mta.events import EventSink
 from mta.receive.data import DataStream, Refusal
 from mta.receive.data import refusal as message_refusal
 from mta.receive.handler import Accept, RelayHandler, hook_names, peer_ip
@@ -801,6 +802,7 @@ async def start_listeners(
     authenticator: Authenticator | None,
     hostname: str,
     sessions: Sessions | None = None,
+    events: EventSink | None = None,
 ) -> list[asyncio.Server]:
     """Start one server per configured listener; return them once all accept connections.
 
@@ -812,6 +814,7 @@ async def start_listeners(
         hostname: our name in the banner, EHLO and ``Received:``.
         sessions: where the sessions are kept; the caller's, to ``shut_down`` them when
             the relay stops (default: a new one, from ``config.limits``).
+        events: told of every accepted message.
 
     A listener that cannot bind raises ``ConfigError`` naming it; any already started
     are closed first.
@@ -828,7 +831,7 @@ async def start_listeners(
                     config.source, "auth.password_file", "required by a submission listener"
                 )
             context = tls_for(listener)
-            handler = RelayHandler(config, listener, accept, hostname)
+            handler = RelayHandler(config, listener, accept, hostname, events=events)
             factory = _protocol_factory(
                 config, listener, handler, context, authenticator, hostname, sessions, auth_failures
             )

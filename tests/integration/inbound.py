@@ -27,6 +27,7 @@ import pytest
 import trustme
 
 from mta.config import Config, parse_text
+from mta.events import Event
 from mta.model import Envelope, QueueId
 from mta.receive.auth import PasswordFile, add_user
 from mta.receive.server import Authenticator, Sessions, start_listeners
@@ -76,6 +77,7 @@ class Relay:
         self.authenticator = authenticator
         self.ports: list[int] = []
         self.sessions = Sessions(config.limits)  # the live sessions (read them with ``call``)
+        self.events: list[Event] = []  # what the listeners told of (MessageReceived)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +95,7 @@ class Relay:
                 self.authenticator,
                 "mx.test",
                 self.sessions,
+                self.events.append,
             )
         except BaseException as err:
             self._error = err

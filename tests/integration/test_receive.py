@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import smtplib
@@ -23,6 +24,7 @@ import aiosmtplib
 import pytest
 
 from mta.errors import ConfigError, SpoolFull
+from mta.events import MessageReceived
 from mta.receive.auth import PasswordFile
 from tests.integration.inbound import (
     ADDRESS_USER,
@@ -805,3 +807,35 @@ def test_a_final_dot_is_normalised(
         assert send_data(smtp, MESSAGE).startswith("250 2.0.0")
     assert recorder.calls[0][0].rcpt_tos == (stored,)
     assert recorder.calls[0][0].mail_from == "a@Example.TEST"
+
+
+def test_each_accepted_message_is_one_received_event(
+    tmp_path: Path,
+    recorder: Recorder,
+    server_tls: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    passwords: PasswordFile,
+) -> None:
+    """DESIGN.md: every acceptance is one typed event, after the 250; a refused
+    message is none."""
+    config = make_config(tmp_path, listener='mode = "submission"')
+    with Relay(config, recorder, server_tls, passwords.authenticator) as relay:
+        with relay.client() as smtp:
+            smtp.starttls(context=client_context)
+            smtp.ehlo()
+            smtp.login(USER, PASSWORD)
+            assert smtp.sendmail("alice@example.test", ["b@other.test", "c@x.test"], MESSAGE) == {}
+            with contextlib.suppress(smtplib.SMTPDataError):
+                smtp.sendmail("alice@example.test", ["b@other.test"], b"bare\nline\r\n")
+        port = relay.ports[0]
+        [event] = relay.events
+    assert isinstance(event, MessageReceived)
+    [(_, content)] = recorder.calls
+    assert (event.qid, event.listener, event.tls, event.authenticated) == (
+        "Q0001",
+        f"127.0.0.1:{port}",
+        "TLSv1.3",
+        True,
+    )
+    assert (event.size, event.recipients) == (len(content), 2)
+    assert 0 < event.ack_seconds < 5
