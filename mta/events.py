@@ -162,6 +162,7 @@ def encode_event(event: Event) -> dict[str, Any]:
                 "result_type": s.result_type,
                 "tls": _encode_tls(s.tls),
                 "policy": _encode_policy(s.policy),
+                "local_address": s.local_address,
             }
             for s in result.sessions
         ],
@@ -324,4 +325,6 @@ def _session(value: object) -> SessionRecord:
         _optional(value, "result_type", str),
         _decode_tls(value.get("tls")),
         _decode_policy(value.get("policy")),
+        # absent from events stored before it was recorded
+        _typed(value, "local_address", str) if "local_address" in value else "",
     )

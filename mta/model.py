@@ -28,6 +28,7 @@ class Envelope:
     helo: str = ""
     smtputf8: bool = False
     body_8bit: bool = False
+    report: bool = False  # mail the relay wrote itself (a TLS report): never counted in one
 
 
 def domain_of(address: str) -> str:
@@ -167,6 +168,7 @@ class SessionRecord:
     result_type: str | None = None
     tls: TlsInfo | None = None
     policy: HostPolicy | None = None
+    local_address: str = ""  # our end of the connection (TLS-RPT's sending-mta-ip)
 
 
 @dataclass(frozen=True, slots=True)

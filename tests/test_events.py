@@ -68,7 +68,7 @@ ATTEMPT = DeliveryAttempt(
                 TlsInfo("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256"),
                 HostPolicy(PolicySource.DANE, TlsLevel.DANE, "dane", policy_strings=("3 1 1 ab",)),
             ),
-            SessionRecord("mx2.b.test", "127.0.0.22", OK, None, TLS, STS),
+            SessionRecord("mx2.b.test", "127.0.0.22", OK, None, TLS, STS, "127.0.0.1"),
             SessionRecord("mx.evil.test", "", SmtpReply(451, "4.7.5", "no"), "validation-failure"),
         ),
     ),
@@ -101,6 +101,16 @@ def test_an_attempt_without_hosts_or_tls_survives_json() -> None:
     assert decode_event(encode_event(bare)) == bare
 
 
+def test_a_session_stored_before_local_address_decodes_without_it() -> None:
+    doc = json.loads(json.dumps(encode_event(ATTEMPT)))
+    assert doc["sessions"][1]["local_address"] == "127.0.0.1"
+    for session in doc["sessions"]:
+        del session["local_address"]
+    decoded = decode_event(doc)
+    assert isinstance(decoded, DeliveryAttempt)
+    assert [s.local_address for s in decoded.result.sessions] == ["", "", ""]
+
+
 def _broken(change: dict[str, Any]) -> dict[str, Any]:
     doc = encode_event(ATTEMPT)
     doc.update(change)
@@ -120,6 +130,13 @@ def _broken(change: dict[str, Any]) -> dict[str, Any]:
         _broken({"policy": {**encode_event(ATTEMPT)["policy"], "check": "magic"}}),
         _broken({"policy": {**encode_event(ATTEMPT)["policy"], "level": "paranoid"}}),
         _broken({"sessions": [{"mx": "m", "address": "a", "reply": [250, "2.0.0"]}]}),
+        _broken(
+            {
+                "sessions": [
+                    {"mx": "m", "address": "a", "reply": [250, "2.0.0", ""], "local_address": 1}
+                ]
+            }
+        ),
         {k: v for k, v in encode_event(RECEIVED).items() if k != "size"},
     ],
 )

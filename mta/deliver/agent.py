@@ -266,8 +266,18 @@ def _refused_by_sts(plan: DomainPlan) -> list[SessionRecord]:
 def _session_record(mx: str, address: str, outcome: SessionOutcome) -> SessionRecord:
     if isinstance(outcome, Transacted):
         reply = outcome.results[0].reply if outcome.results else SmtpReply(250, "2.0.0", "")
-        return SessionRecord(mx, address, reply, None, outcome.tls, outcome.policy)
-    return SessionRecord(mx, address, outcome.reply, outcome.reason, outcome.tls, outcome.policy)
+        return SessionRecord(
+            mx, address, reply, None, outcome.tls, outcome.policy, outcome.local_address
+        )
+    return SessionRecord(
+        mx,
+        address,
+        outcome.reply,
+        outcome.reason,
+        outcome.tls,
+        outcome.policy,
+        outcome.local_address,
+    )
 
 
 def _log_host_failure(qid: QueueId, domain: str, mx: str, address: str, failed: HostFailed) -> None:

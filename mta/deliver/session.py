@@ -122,6 +122,7 @@ class Transacted:
     results: tuple[RecipientResult, ...]
     tls: TlsInfo | None
     policy: HostPolicy | None = None  # what the peer had to prove, and how it did
+    local_address: str = ""  # our end of the connection (TLS-RPT's sending-mta-ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,7 @@ class HostFailed:
     reason: str | None = None
     tls: TlsInfo | None = None
     policy: HostPolicy | None = None  # None: refused by the policy before connecting
+    local_address: str = ""  # our end of the connection; "" when none was made
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +344,7 @@ class _Session:
         self.reusable = True
         self.uses = 0
         self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
+        self.local_address = ""  # our IP on this connection, once connected
         self.where = f"{target.mx}[{target.address}]:{target.port}"
         self.smtp = _Client(
             hostname=target.address,
@@ -409,6 +412,7 @@ class _Session:
         result = await self._guarded(self._open)
         if result is not None:
             self.reusable = False
+            result = replace(result, local_address=self.local_address)
         return result
 
     async def _open(self) -> HostFailed | None:
@@ -425,7 +429,7 @@ class _Session:
         outcome = await self._guarded(lambda: self._transaction(txn))
         if isinstance(outcome, Transacted) and any(r.reply.code == 421 for r in outcome.results):
             self.reusable = False  # the server is closing the connection
-        return outcome
+        return replace(outcome, local_address=self.local_address)
 
     @property
     def stale(self) -> bool:
@@ -455,6 +459,7 @@ class _Session:
             cause = err.__cause__ if err.__cause__ is not None else err
             return self.failed(451, "4.4.1", f"connect to {self.where}: {_oneline(cause)}")
         self.raw = self.smtp.transport
+        self.local_address = _local_address(self.raw)
         return None
 
     async def _hello(self) -> HostFailed | None:
@@ -689,6 +694,14 @@ class _Session:
                 decided[rcpt] = RecipientResult(rcpt, outcome, reply)
         results = tuple(decided[rcpt] for rcpt in txn.rcpts)
         return Transacted(results, self.tls, self.policy())
+
+
+def _local_address(transport: asyncio.BaseTransport | None) -> str:
+    """Our IP address on a connected transport ("" when the socket does not say)."""
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple) and sockname and isinstance(sockname[0], str):
+        return sockname[0]
+    return ""
 
 
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:

@@ -428,7 +428,10 @@ class Scheduler:
         entry.state = state
         _log_result(qid, result, state, len(failed))
         if self._events is not None:
-            self._events(DeliveryAttempt(now, qid, entry.envelope.received_at, settled))
+            envelope = entry.envelope
+            self._events(
+                DeliveryAttempt(now, qid, envelope.received_at, settled, report=envelope.report)
+            )
         if not state.done and any(r.outcome is Outcome.DEFERRED for r in result.results):
             self._forget_content(entry)  # retries read the record: memory stays bounded
         if state.done:

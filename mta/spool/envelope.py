@@ -31,6 +31,7 @@ _FIELDS: Final = frozenset(
         "body_8bit",
     }
 )
+_OPTIONAL: Final = frozenset({"report"})  # written only when set: older records lack it
 
 
 def encode_message(envelope: Envelope, content: bytes) -> bytes:
@@ -45,6 +46,8 @@ def encode_message(envelope: Envelope, content: bytes) -> bytes:
         "smtputf8": envelope.smtputf8,
         "body_8bit": envelope.body_8bit,
     }
+    if envelope.report:
+        doc["report"] = True
     meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
     return b"".join((_LENGTH.pack(len(meta)), meta, content))
 
@@ -65,7 +68,7 @@ def _load(meta: bytes) -> dict[str, Any]:
         doc = json.loads(meta.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise RecordError("message envelope is not valid JSON") from None
-    if not isinstance(doc, dict) or set(doc) != _FIELDS:
+    if not isinstance(doc, dict) or not _FIELDS <= set(doc) <= _FIELDS | _OPTIONAL:
         raise RecordError("message envelope has the wrong fields")
     if doc["v"] != FORMAT or isinstance(doc["v"], bool):
         raise RecordError("unsupported message envelope format")
@@ -85,6 +88,7 @@ def _envelope(doc: dict[str, Any]) -> Envelope:
         helo=_typed(doc, "helo", str),
         smtputf8=_typed(doc, "smtputf8", bool),
         body_8bit=_typed(doc, "body_8bit", bool),
+        report=_typed(doc, "report", bool) if "report" in doc else False,
     )
 
 

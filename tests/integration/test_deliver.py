@@ -125,6 +125,25 @@ def test_encrypt_defers_when_starttls_is_not_offered(
     assert summary(result) == {(Outcome.DEFERRED, 451, "4.7.5", "starttls-not-supported")}
 
 
+def test_each_session_records_our_end_of_the_connection(
+    tls_ca: trustme.CA, dns_server: TinyDns
+) -> None:
+    """TLS-RPT's sending-mta-ip: the local address of every connection made, sent or
+    failed; none for a connection that never came about."""
+    with Receiver(MX_IP, tls="none", ca=tls_ca) as receiver:
+        failed = deliver(routed(dns_server, receiver), "dest.test", ("bob@dest.test",))
+    with Receiver(MX_IP, tls="fs", ca=tls_ca) as receiver:
+        sent = deliver(routed(dns_server, receiver), "dest.test", ("bob@dest.test",))
+        receiver.wait_for(1, timeout=5)
+    refused = deliver(
+        make_config(dns_server, common_port([DEAD_IP])), "dead.test", ("bob@dead.test",)
+    )
+    for result in (failed, sent):
+        (session,) = result.sessions
+        assert session.local_address.startswith("127.")
+    assert [s.local_address for s in refused.sessions] == [""]
+
+
 def test_encrypt_defers_without_forward_secrecy(tls_ca: trustme.CA, dns_server: TinyDns) -> None:
     with Receiver(MX_IP, tls="non-fs", ca=tls_ca) as receiver:
         result = deliver(routed(dns_server, receiver), "dest.test", ("bob@dest.test",))

@@ -7,6 +7,7 @@ import email
 import email.policy
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from email.message import EmailMessage, Message
 
 import pytest
@@ -545,5 +546,20 @@ def test_each_settled_attempt_is_one_event_with_expiry_applied() -> None:
             [Outcome.BOUNCED],
         ]
         assert [e.at for e in attempts] == [T0, T0, T0 + 1000]
+
+    run(main)
+
+
+def test_an_attempt_for_our_own_report_mail_is_marked_as_one() -> None:
+    """TLS reports the relay wrote are never counted in a report (no report loops): the
+    envelope's flag reaches the event."""
+
+    async def main() -> None:
+        rig = Rig()
+        rig.submit(replace(envelope("tlsrpt@b.test"), report=True))
+        rig.submit(envelope("bob@b.test"))
+        await rig.scheduler.run_once()
+        attempts = [e for e in rig.events if isinstance(e, DeliveryAttempt)]
+        assert sorted(e.report for e in attempts) == [False, True]
 
     run(main)

@@ -23,6 +23,7 @@ envelopes = st.builds(
     helo=st.text(),
     smtputf8=st.booleans(),
     body_8bit=st.booleans(),
+    report=st.booleans(),
 )
 
 ENVELOPE = Envelope("alice@example.org", ("bob@example.net",), 1_700_000_000.5, "192.0.2.1", "mx")
@@ -75,6 +76,7 @@ def good_doc() -> dict[str, object]:
         ({"received_at": True}, "received_at"),
         ({"received_at": 10**400}, "received_at"),
         ({"smtputf8": 1}, "smtputf8"),
+        ({"report": 1}, "report"),
         ({"unknown": 1}, "fields"),
     ],
 )
@@ -82,6 +84,14 @@ def test_malformed_envelope(change: dict[str, object], problem: str) -> None:
     doc = {**good_doc(), **change}
     with pytest.raises(RecordError, match=problem):
         decode_message(payload_with(doc))
+
+
+def test_a_report_envelope_round_trips_and_older_records_are_not_reports() -> None:
+    report = Envelope("", ("tlsrpt@example.net",), 1.0, report=True)
+    assert decode_message(encode_message(report, b"x")) == (report, b"x")
+    assert "report" not in good_doc()  # records as they were before the flag existed
+    decoded, _ = decode_message(payload_with(good_doc()))
+    assert decoded.report is False
 
 
 def test_missing_field() -> None:
