@@ -10,6 +10,27 @@ What a report counts (§4.3): a successful session is one where the policy's
 requirements were met; a failed one carries its RFC 8460 result type, the sending
 MTA's IP, the receiving MX host name and IP. Failure details with the same facts are
 summed into one entry (``failed-session-count``).
+
+``reported_sessions`` says which hosts of a ``DeliveryAttempt`` are sessions (§4.3):
+
+- a connection where TLS was negotiated counts, as a success when the requirement was
+  met (whatever SMTP said afterwards), else as a failure with its result type;
+- a failure with a result type but no TLS counts too (``starttls-not-supported``,
+  a handshake that failed) and so does a host the policy refused before connecting
+  (an MX outside the MTA-STS policy, a failed TLSA lookup): no connection, but a TLS
+  policy failure;
+- MTA-STS ``testing`` (report-only): a failed check is reported as the failure it
+  was, although the mail went (§4.3: a report-only failure is a failure);
+- not counted: a connection that failed before any TLS (refused, timed out, a 4xx
+  greeting: a TCP or SMTP failure, not a TLS result), and a plaintext delivery at
+  level ``may``: the policy asked for no TLS, and the relay does not keep whether
+  STARTTLS was missing or failed first, so a report would have to guess the type;
+- never counted: our own report mail (``DeliveryAttempt.report``: no report loops).
+
+The policy domain is the recipient domain; ``policy-type`` comes from
+``HostPolicy.rpt_policy_type``, the policy strings and MX patterns from the host's
+policy. A TLSA policy has no MX patterns, so its ``mx-host`` names the MX host that
+published the records (each MX host has its own TLSA RRset).
 """
 
 from __future__ import annotations
@@ -21,6 +42,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Final
 
+from mta.events import DeliveryAttempt
+from mta.model import HostPolicy, SessionRecord
+
 __all__ = [
     "DailyTally",
     "FailureDetail",
@@ -28,6 +52,8 @@ __all__ = [
     "ReportPolicy",
     "ReportedSession",
     "render_report",
+    "reported_sessions",
+    "utc_day",
 ]
 
 MAX_FAILURE_DETAILS: Final = 1000  # per policy; the rest are summed into the summary only
@@ -195,3 +221,64 @@ def _detail_json(detail: FailureDetail, count: int) -> dict[str, Any]:
     entry.update((name, value) for name, value in optional if value)
     entry["failed-session-count"] = count
     return entry
+
+
+# --- from events ----------------------------------------------------------------------
+
+# Result types that only a DANE (TLSA) policy produces: a host refused for one of them
+# before connecting carries no HostPolicy, but it failed a TLSA policy.
+_TLSA_TYPES: Final = frozenset({"dnssec-invalid", "dane-required", "tlsa-invalid"})
+
+
+def utc_day(at: float) -> date:
+    """The UTC day an epoch time falls on (reports are per UTC day, §4.1)."""
+    return datetime.fromtimestamp(at, UTC).date()
+
+
+def reported_sessions(attempt: DeliveryAttempt) -> list[ReportedSession]:
+    """The sessions of one attempt as a report counts them (module docstring)."""
+    if attempt.report:
+        return []
+    day = utc_day(attempt.at)
+    domain = attempt.result.domain
+    found: list[ReportedSession] = []
+    for session in attempt.result.sessions:
+        reported = _reported(session, day, domain)
+        if reported is not None:
+            found.append(reported)
+    return found
+
+
+def _reported(session: SessionRecord, day: date, domain: str) -> ReportedSession | None:
+    policy = session.policy
+    result_type = session.result_type
+    if result_type is None and policy is not None and policy.reported_failure is not None:
+        result_type = policy.reported_failure  # MTA-STS testing: a failure all the same
+    if result_type is None and session.tls is None:
+        return None  # no TLS result: a connection failure, or plaintext at may
+    described = _report_policy(policy, session, domain, result_type)
+    if result_type is None:
+        return ReportedSession(day, described)
+    failure = FailureDetail(
+        result_type,
+        sending_mta_ip=session.local_address,
+        receiving_mx_hostname=session.mx,
+        receiving_ip=session.address,
+    )
+    return ReportedSession(day, described, failure)
+
+
+def _report_policy(
+    policy: HostPolicy | None, session: SessionRecord, domain: str, result_type: str | None
+) -> ReportPolicy:
+    if policy is None:  # refused before connecting, by a rule that left no HostPolicy
+        kind = PolicyType.TLSA if result_type in _TLSA_TYPES else PolicyType.NO_POLICY_FOUND
+        refused_at: tuple[str, ...] = (session.mx,) if kind is PolicyType.TLSA else ()
+        return ReportPolicy(kind, domain, (), refused_at)
+    kind = PolicyType(policy.rpt_policy_type)
+    if kind is PolicyType.NO_POLICY_FOUND:  # nothing published: no string, no patterns
+        return ReportPolicy(kind, domain)
+    mx_hosts = policy.mx_patterns
+    if kind is PolicyType.TLSA and not mx_hosts:
+        mx_hosts = (session.mx,)
+    return ReportPolicy(kind, domain, policy.policy_strings, mx_hosts)
