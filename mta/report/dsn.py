@@ -113,7 +113,7 @@ def build_dsn(
     report["Auto-Submitted"] = "auto-replied"
     report["MIME-Version"] = "1.0"
     report["Content-Type"] = "multipart/report; report-type=delivery-status"
-    report.set_boundary(_boundary(parts))
+    report.set_boundary(digest_boundary(parts, "dsn"))
     for part in parts:
         report.attach(part)
     return report.as_bytes()
@@ -200,9 +200,10 @@ def _date(timestamp: float) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(timestamp, UTC))
 
 
-def _boundary(parts: Sequence[MIMEPart]) -> str:
-    """A boundary that cannot occur in the parts: a digest of their own text."""
+def digest_boundary(parts: Sequence[MIMEPart], tag: str) -> str:
+    """A boundary that cannot occur in the parts: a digest of their own text (no
+    randomness, so the same report is the same bytes)."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.as_bytes())
-    return f"=_dsn_{digest.hexdigest()[:40]}"
+    return f"=_{tag}_{digest.hexdigest()[:40]}"
