@@ -97,6 +97,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRptConfig:
+    """``[tlsrpt]``: daily TLS reports (RFC 8460). Empty strings take their defaults
+    from ``hostname`` when the relay starts (``mta.report.tlsrpt_send.report_sender``)."""
+
+    enabled: bool = True
+    organization: str = ""  # organization-name; default: the hostname
+    contact: str = ""  # contact-info; default: the from address
+    from_address: str = ""  # From of report mail; default: tlsrpt-noreply@<hostname>
+    dkim_domain: str = ""  # sign report mail (all three, or none)
+    dkim_selector: str = ""
+    dkim_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundConfig:
     port: int = 25
     default_level: TlsLevel = TlsLevel.ENCRYPT
@@ -164,6 +178,7 @@ class Config:
     domains: tuple[DomainPolicy, ...] = ()
     postmaster: str = ""  # RCPT TO:<postmaster> goes here; "" = postmaster@<hostname>
     sender_logins: tuple[SenderLogin, ...] = ()  # what each AUTH user may send as
+    tlsrpt: TlsRptConfig = TlsRptConfig()
 
     @property
     def control_socket(self) -> Path:
@@ -520,6 +535,8 @@ def validate(
     tls = TlsConfig(ca_file=_path(tls_t, "ca_file", home, None))
     tls_t.done()
 
+    tlsrpt = _tlsrpt(top.table("tlsrpt"), home)
+
     out_t = top.table("outbound")
     outbound = OutboundConfig(
         port=out_t.convert("port", int, 25, lambda p: _port(str(p))),
@@ -613,7 +630,33 @@ def validate(
         domains=tuple(domains),
         postmaster=postmaster,
         sender_logins=sender_logins,
+        tlsrpt=tlsrpt,
     )
+
+
+def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:
+    """``[tlsrpt]``; the DKIM keys come as all three or none."""
+    domain = table.convert("dkim_domain", str, "", lambda text: _domain(text) if text else "")
+    selector = table.get("dkim_selector", str, "")
+    if selector and not _HOSTNAME.fullmatch(selector):
+        raise table.error("dkim_selector", f"expected a DNS label, got {selector!r}")
+    key = _path(table, "dkim_key", home, None)
+    given = {"dkim_domain": bool(domain), "dkim_selector": bool(selector), "dkim_key": bool(key)}
+    if any(given.values()) and not all(given.values()):
+        missing = next(name for name, present in given.items() if not present)
+        present = next(name for name, present in given.items() if present)
+        raise table.error(missing, f"required with {table.key(present)}")
+    config = TlsRptConfig(
+        enabled=table.get("enabled", bool, True),
+        organization=table.get("organization", str, ""),
+        contact=table.get("contact", str, ""),
+        from_address=table.convert("from", str, "", _mailbox),
+        dkim_domain=domain,
+        dkim_selector=selector,
+        dkim_key=key,
+    )
+    table.done()
+    return config
 
 
 def _mailbox(text: str) -> str:

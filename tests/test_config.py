@@ -317,3 +317,46 @@ def test_listener_client_certificates() -> None:
 )
 def test_dnssec_probe(text: str, probe: ProbeSpec | None) -> None:
     assert parse(text).dns.dnssec_probe == probe
+
+
+def test_tlsrpt_defaults_and_values() -> None:
+    assert parse("").tlsrpt == config.TlsRptConfig()
+    assert parse("").tlsrpt.enabled is True
+    got = parse(
+        "[tlsrpt]\nenabled = false\norganization = 'Example'\ncontact = 'tls@example.org'\n"
+        "from = 'reports@example.org'\ndkim_domain = 'Example.org.'\n"
+        "dkim_selector = 'tlsrpt1'\ndkim_key = 'keys/dkim.pem'\n"
+    ).tlsrpt
+    assert got == config.TlsRptConfig(
+        False,
+        "Example",
+        "tls@example.org",
+        "reports@example.org",
+        "example.org",
+        "tlsrpt1",
+        HOME / "keys/dkim.pem",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tlsrpt]\nenabled = 1", "test.toml: tlsrpt.enabled: expected true or false"),
+        ("[tlsrpt]\nfrom = 'nobody'", "test.toml: tlsrpt.from: expected an address"),
+        (
+            "[tlsrpt]\ndkim_domain = 'example.org'\ndkim_key = 'k.pem'",
+            "test.toml: tlsrpt.dkim_selector: required with tlsrpt.dkim_domain",
+        ),
+        (
+            "[tlsrpt]\ndkim_selector = 's'",
+            "test.toml: tlsrpt.dkim_domain: required with tlsrpt.dkim_selector",
+        ),
+        ("[tlsrpt]\ndkim_selector = 'a b'", "test.toml: tlsrpt.dkim_selector: expected a DNS"),
+        ("[tlsrpt]\ndkim_domain = 'not a domain'", "test.toml: tlsrpt.dkim_domain: expected a"),
+        ("[tlsrpt]\nrua = 'x'", "test.toml: tlsrpt.rua: unknown key"),
+    ],
+)
+def test_tlsrpt_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    assert str(caught.value).startswith(message)
