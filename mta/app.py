@@ -40,6 +40,7 @@ from mta.policy.verify import TrustStore, load_trust_store
 from mta.receive.auth import PasswordFile
 from mta.receive.server import Sessions, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
+from mta.report.tlsrpt_send import RecentAttempts, TlsReporter, build_reporter
 from mta.schedule.scheduler import Scheduler
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
@@ -121,6 +122,7 @@ class Destinations:
     resolver: DestinationResolver
     sts: StsResolver | None
     dnssec: DnssecProbe | None = None  # None: DANE is off, nothing to probe
+    dns: DnsClient | None = None  # the relay's DNS (TLS-RPT's _smtp._tls lookups)
 
 
 def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
@@ -194,7 +196,7 @@ def build_destinations(config: Config, clock: Clock) -> Destinations:
         rand=random.Random(),  # noqa: S311 - MX tie-break, not crypto
         dnssec=dnssec,
     )
-    return Destinations(resolver, sts, dnssec)
+    return Destinations(resolver, sts, dnssec, dns)
 
 
 @dataclass
@@ -356,6 +358,21 @@ async def _start(config: Config) -> Relay:
         tasks.append(asyncio.create_task(refresher, name="mta-sts-refresher"))
     if destinations.dnssec is not None:
         tasks.append(asyncio.create_task(destinations.dnssec.run(), name="dnssec-probe"))
+    reporter: TlsReporter | None = None
+    if config.tlsrpt.enabled and destinations.dns is not None:  # TLS reports (RFC 8460)
+        recent = RecentAttempts()  # the source until the receipt log's reader is wired
+        events.add(recent)
+        reporter = build_reporter(
+            config,
+            hostname=hostname,
+            dns=destinations.dns,
+            keyring=keyring,
+            ssl_context=_sts_context(config),
+            mail=accept,
+            source=recent.between,
+            clock=clock,
+        )
+        tasks.append(asyncio.create_task(reporter.run(), name="tlsrpt"))
     authenticator = passwords.authenticator if passwords else None
     sessions = Sessions(config.limits)
     servers = await start_listeners(
@@ -384,6 +401,10 @@ async def _start(config: Config) -> Relay:
             "ping": lambda: "ok",
             "stats": stats,
         },
+        {
+            "tlsrpt-show": reporter.show_command if reporter else _tlsrpt_off,
+            "tlsrpt-send": reporter.send_command if reporter else _tlsrpt_off,
+        },
     )
     log.info(
         "mta.ready",
@@ -397,6 +418,10 @@ async def _start(config: Config) -> Relay:
     return Relay(
         store, scheduler, events, servers, control, destinations, agent, tasks, sessions=sessions
     )
+
+
+def _tlsrpt_off(_argument: str) -> str:
+    return "error TLS reports are off ([tlsrpt] enabled = false)"
 
 
 async def serve(config: Config) -> None:

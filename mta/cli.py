@@ -233,6 +233,15 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_tlsrpt(args: argparse.Namespace) -> int:
+    from mta.report import tlsrpt_cli
+
+    cfg = _load(args)
+    if args.action == "send":
+        return tlsrpt_cli.send(cfg, args.date or "")
+    return tlsrpt_cli.show(cfg, args.date or "", args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mta", description="Mail transport security relay.")
     parser.add_argument("--version", action="version", version=f"mta {__version__}")
@@ -279,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--connect", action="store_true", help="connect, STARTTLS and verify each MX")
     chk.add_argument("--json", action="store_true", help="one JSON object")
     chk.set_defaults(func=cmd_check)
+
+    from mta.report.tlsrpt_cli import date_arg
+
+    tlsrpt = sub.add_parser("tlsrpt", help="TLS reports (RFC 8460) of the running relay")
+    tlsrpt_actions = tlsrpt.add_subparsers(dest="action", required=True)
+    rpt_show = with_config(
+        tlsrpt_actions.add_parser("show", help="a day's reports as they stand, per domain")
+    )
+    rpt_show.add_argument("--json", action="store_true", help="one JSON document")
+    rpt_send = with_config(
+        tlsrpt_actions.add_parser("send", help="send a day's reports now, and mark them sent")
+    )
+    for rpt in (rpt_show, rpt_send):
+        rpt.add_argument(
+            "--date", type=date_arg, metavar="YYYY-MM-DD", help="the UTC day (default: today)"
+        )
+        rpt.set_defaults(func=cmd_tlsrpt)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="action", required=True

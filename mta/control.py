@@ -24,17 +24,31 @@ _STATM: Final = Path("/proc/self/statm")
 _FD_DIRS: Final = (Path("/proc/self/fd"), Path("/dev/fd"))
 
 Command = Callable[[], Awaitable[str] | str]
+ArgCommand = Callable[[str], Awaitable[str] | str]  # ``name argument`` (``tlsrpt-send DAY``)
 MAX_LINE: Final = 256
+MAX_ANSWER: Final = 16 * 1024 * 1024  # one answer line (``tlsrpt-show`` JSON) read by ``ask``
 
 
-async def start_control(path: Path, commands: Mapping[str, Command]) -> asyncio.Server:
-    """Listen on ``path`` for operator commands; a stale socket from a crash is replaced."""
+async def start_control(
+    path: Path,
+    commands: Mapping[str, Command],
+    with_argument: Mapping[str, ArgCommand] | None = None,
+) -> asyncio.Server:
+    """Listen on ``path`` for operator commands; a stale socket from a crash is replaced.
+
+    ``with_argument`` commands take the rest of the line after their name and a space
+    (the handler validates it: it came from the socket)."""
+    takes_argument = with_argument or {}
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             name = line[:MAX_LINE].decode("ascii", "replace").strip()
-            command = commands.get(name)
+            head, _, argument = name.partition(" ")
+            command: Command | None = commands.get(name)
+            if command is None and head in takes_argument:
+                with_it = takes_argument[head]
+                command, name = (lambda: with_it(argument)), head
             if command is None:
                 answer = f"error unknown command {name!r}"
             else:
@@ -96,7 +110,9 @@ def _open_fds() -> int:
 
 
 async def _ask(path: Path, command: str, wait: float) -> str:
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), wait)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_unix_connection(str(path), limit=MAX_ANSWER), wait
+    )
     try:
         writer.write(command.encode() + b"\n")
         await writer.drain()

@@ -85,6 +85,7 @@ class StsServer(ThreadedServer):
         self._routes: dict[str, Route] = {}
         self._lock = threading.Lock()
         self._requests: list[str] = []
+        self._posts: list[tuple[str, str, bytes]] = []  # (path, Content-Type, body)
         for path, route in (routes or {}).items():
             self.set_route(path, route)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,9 +115,19 @@ class StsServer(ThreadedServer):
         with self._lock:
             return list(self._requests)
 
+    @property
+    def posts(self) -> list[tuple[str, str, bytes]]:
+        """Each POST received: its path, Content-Type and body (a TLS-RPT collector)."""
+        with self._lock:
+            return list(self._posts)
+
     # --- the server thread ---
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            posted = (request.path, request.headers.get("Content-Type", ""), await request.read())
+            with self._lock:
+                self._posts.append(posted)
         with self._lock:
             self._requests.append(request.path)
             route = self._routes.get(request.path)

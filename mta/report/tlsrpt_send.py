@@ -1,0 +1,548 @@
+"""Sending TLS reports (RFC 8460 §3, §5): where to, how, once a day, and never twice.
+
+The I/O edge of TLS-RPT; the counting and rendering are pure (``tlsrpt``,
+``tlsrpt_mail``). The counts come from the stored events (``EventSource``: the
+receipt log), so they survive restarts; nothing is counted in memory.
+
+- Where: ``_smtp._tls.<policy domain>`` TXT through the relay's DNS (cached like every
+  answer), parsed strictly (``tlsrpt_record``); no valid record, no report.
+- How: ``https:`` by POST of the gzip JSON (PKIX with the system store and
+  ``tls.ca_file``, no redirects, a total timeout; a 2xx is success); ``mailto:`` by
+  putting the report mail into our own spool (``Envelope.report``, null sender) so it
+  leaves through our queue, encryption and destination policy, and is never counted
+  in a report itself.
+- Once: what was done for each (day, policy domain) is a sealed record under
+  ``<spool>/tlsrpt/<day>/<domain>`` (the spool's sealing, kind "state"): the
+  destinations reached and the tries made. A destination reached is never tried
+  again; one that failed is retried by the next run, up to ``MAX_TRIES`` in all. A
+  record that no longer opens (a pruned key) counts as done: a report never goes twice.
+- When: after each UTC midnight plus a random jitter (up to ``MAX_JITTER``), the day
+  before; then every ``RETRY_INTERVAL`` while something is left to retry. A domain
+  with no sessions that day has no report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import aiohttp
+import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
+
+from mta.clock import Clock
+from mta.config import Config
+from mta.durable import DIR_MODE, read_file, replace_durably
+from mta.errors import ConfigError
+from mta.events import DeliveryAttempt, Event, EventSource
+from mta.model import Envelope, QueueId
+from mta.policy.dns import AddressesFound, DnsClient, TxtAnswer, TxtLookup
+from mta.policy.sts_fetch import _InjectedResolver, _OneFetchConnector
+from mta.report.tlsrpt import DailyTally, day_range, render_report, reported_sessions
+from mta.report.tlsrpt_mail import (
+    CONTENT_TYPE,
+    DkimKey,
+    ReportSender,
+    compress_report,
+    dkim_sign,
+    report_id,
+    report_message,
+)
+from mta.report.tlsrpt_record import TlsRptRecord, parse_tlsrpt_txt
+from mta.spool.keys import KeyRing
+from mta.spool.record import RecordError, RecordKind, seal, unseal
+
+log = logging.getLogger(__name__)
+
+MAX_TRIES: Final = 4  # per destination and report
+MAX_JITTER: Final = 3600.0  # seconds after UTC midnight
+RETRY_INTERVAL: Final = 2 * 3600.0
+POST_TIMEOUT: Final = 60.0
+KEEP_DAYS: Final = 7  # sent-state records older than this are removed
+_STATE_FORMAT: Final = 1
+
+
+class TxtResolver(Protocol):
+    async def txt(self, name: str) -> TxtLookup: ...
+
+
+Post = Callable[[str, bytes], Awaitable[str | None]]  # url, body -> None or why it failed
+Mail = Callable[[Envelope, bytes], Awaitable[QueueId]]  # into our spool and queue
+
+
+def report_sender(config: Config, hostname: str) -> ReportSender:
+    """``[tlsrpt]`` with its defaults filled in from ``hostname``."""
+    tlsrpt = config.tlsrpt
+    address = tlsrpt.from_address or f"tlsrpt-noreply@{hostname}"
+    return ReportSender(tlsrpt.organization or hostname, tlsrpt.contact or address, address)
+
+
+def load_dkim_key(config: Config) -> DkimKey | None:
+    """The DKIM key of ``[tlsrpt]``, read and tried once at start (``ConfigError`` if it
+    cannot sign), or None when report mail goes unsigned."""
+    tlsrpt = config.tlsrpt
+    if tlsrpt.dkim_key is None:
+        return None
+    try:
+        pem = tlsrpt.dkim_key.read_bytes()
+    except OSError as err:
+        raise ConfigError(config.source, "tlsrpt.dkim_key", f"cannot read: {err}") from None
+    key = DkimKey(tlsrpt.dkim_domain, tlsrpt.dkim_selector, pem)
+    probe = b"From: a@example.org\r\nSubject: key check\r\n\r\nkey check\r\n"
+    try:
+        dkim_sign(probe, key)
+    except (dkim.DKIMException, ValueError) as err:
+        raise ConfigError(
+            str(tlsrpt.dkim_key), "tlsrpt.dkim_key", f"not a usable DKIM key: {err}"
+        ) from None
+    return key
+
+
+# --- where reports go ---
+
+
+async def discover(dns: TxtResolver, domain: str) -> TlsRptRecord | None:
+    """The domain's ``rua`` (RFC 8460 §3), or None: no record, a bad one, or no answer."""
+    answer = await dns.txt(f"_smtp._tls.{domain}")
+    if not isinstance(answer, TxtAnswer):
+        return None
+    return parse_tlsrpt_txt(answer.strings)
+
+
+# --- HTTPS ---
+
+
+class HttpsPoster:
+    """POSTs a gzip report (RFC 8460 §5.2): PKIX, no redirects, a total timeout.
+
+    Parameters:
+        ssl_context: verifies chains and names (system store plus ``tls.ca_file``).
+        resolve: the relay's DNS (host -> addresses), as the MTA-STS fetcher uses it.
+        timeout: seconds for the whole request.
+    """
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        resolve: Callable[[str], Awaitable[list[str]]],
+        timeout: float = POST_TIMEOUT,
+    ) -> None:
+        self._ssl_context, self._resolve, self._timeout = ssl_context, resolve, timeout
+
+    async def __call__(self, url: str, body: bytes) -> str | None:
+        connector = _OneFetchConnector(
+            resolver=_InjectedResolver(self._resolve),
+            ssl=self._ssl_context,
+            use_dns_cache=False,
+            force_close=True,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        try:
+            async with session:
+                try:
+                    async with asyncio.timeout(self._timeout + 5):
+                        response = await session.post(
+                            url,
+                            data=body,
+                            headers={"Content-Type": CONTENT_TYPE},
+                            allow_redirects=False,
+                        )
+                        async with response:
+                            status = response.status
+                finally:
+                    connector.abort_all()
+        except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as err:
+            return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        return None if 200 <= status < 300 else f"HTTP {status}"
+
+
+# --- what was done, sealed ---
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One report's delivery so far: destinations reached, tries per destination."""
+
+    done: frozenset[str] = frozenset()
+    tries: dict[str, int] = field(default_factory=dict)
+
+    def finished(self, destinations: Sequence[str]) -> bool:
+        return all(d in self.done or self.tries.get(d, 0) >= MAX_TRIES for d in destinations)
+
+
+class SentState:
+    """Sealed (day, domain) -> ``Progress`` records under ``<spool>/tlsrpt/``."""
+
+    def __init__(self, spool: Path, keyring: KeyRing, random: Callable[[int], bytes]) -> None:
+        self.root = spool / "tlsrpt"
+        self._keyring, self._random = keyring, random
+
+    def _path(self, day: date, domain: str) -> tuple[Path, str]:
+        name = f"tlsrpt.{day.isoformat()}.{domain}"
+        return self.root / day.isoformat() / domain, name
+
+    def load(self, day: date, domain: str) -> Progress | None:
+        """What was done; None if nothing yet. A record that does not open counts as
+        done for every destination (never send twice)."""
+        path, name = self._path(day, domain)
+        try:
+            data = read_file(path, 1 << 20)
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(unseal(data, kind=RecordKind.STATE, qid=name, keys=self._keyring.get))
+            if doc.get("v") != _STATE_FORMAT:
+                raise ValueError("unknown format")
+            return Progress(
+                frozenset(doc["done"]), {str(k): int(v) for k, v in doc["tries"].items()}
+            )
+        except (RecordError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("tlsrpt.state.unreadable", extra={"path": str(path), "error": str(err)})
+            return Progress(frozenset({"*"}), {"*": MAX_TRIES})
+
+    def save(self, day: date, domain: str, progress: Progress) -> None:
+        path, name = self._path(day, domain)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.root.chmod(DIR_MODE)
+        doc = {"v": _STATE_FORMAT, "done": sorted(progress.done), "tries": progress.tries}
+        key_id = self._keyring.active_id
+        kek = self._keyring.get(key_id)
+        assert kek is not None
+        record = seal(
+            json.dumps(doc).encode(),
+            kind=RecordKind.STATE,
+            qid=name,
+            key_id=key_id,
+            kek=kek,
+            random=self._random,
+        )
+        replace_durably(path.with_name(f".{domain}.tmp"), path, record)
+
+    def expire(self, today: date) -> None:
+        """Forget the records of days older than ``KEEP_DAYS``."""
+        if not self.root.is_dir():
+            return
+        for directory in self.root.iterdir():
+            try:
+                day = date.fromisoformat(directory.name)
+            except ValueError:
+                continue
+            if day < today - timedelta(days=KEEP_DAYS):
+                for file in directory.iterdir():
+                    file.unlink(missing_ok=True)
+                directory.rmdir()
+
+
+def _sealed_done(progress: Progress | None) -> bool:
+    return progress is not None and "*" in progress.done
+
+
+# --- the reports ---
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedReport:
+    """One policy domain's report for a day, and where it goes (None: nowhere)."""
+
+    day: date
+    domain: str
+    report: dict[str, Any]
+    record: TlsRptRecord | None
+    progress: Progress | None = None
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        if self.record is None:
+            return ()
+        return tuple(self.record.https) + tuple(f"mailto:{a}" for a in self.record.mailto)
+
+    @property
+    def sent(self) -> bool:
+        if _sealed_done(self.progress):
+            return True
+        return self.progress is not None and self.progress.finished(self.destinations)
+
+
+@dataclass(frozen=True, slots=True)
+class SendSummary:
+    sent: int = 0  # destinations reached now
+    failed: int = 0  # destinations that failed now (retried later, up to MAX_TRIES)
+    already: int = 0  # reports done before
+    nowhere: int = 0  # domains with sessions but no (valid) _smtp._tls record
+
+    @property
+    def pending(self) -> bool:
+        return self.failed > 0
+
+    def line(self) -> str:
+        return (
+            f"sent={self.sent} failed={self.failed} already={self.already} no_record={self.nowhere}"
+        )
+
+
+class RecentAttempts:
+    """An ``EventSink`` and ``EventSource`` in memory: the delivery attempts of the last
+    ``KEEP`` seconds, at most ``MAX_EVENTS``. Interim: the receipt log's reader
+    (``mta.report.receipt_log.read_events``) replaces it as the source once it exists;
+    until then counts do not survive a restart.
+    """
+
+    KEEP: Final = 2 * 86400.0 + MAX_JITTER + RETRY_INTERVAL * MAX_TRIES
+    MAX_EVENTS: Final = 500_000
+
+    def __init__(self) -> None:
+        self._events: deque[DeliveryAttempt] = deque(maxlen=self.MAX_EVENTS)
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, DeliveryAttempt) or event.report or not event.result.sessions:
+            return
+        self._events.append(event)
+        while self._events and self._events[0].at < event.at - self.KEEP:
+            self._events.popleft()
+
+    def between(self, start: float, end: float) -> Iterator[Event]:
+        return iter([event for event in self._events if start <= event.at < end])
+
+
+def tally_day(source: EventSource, day: date) -> DailyTally:
+    """The day's sessions from the stored events (attempts settled that UTC day)."""
+    start, _ = day_range(day)
+    begin = start.timestamp()
+    tally = DailyTally()
+    for event in source(begin, begin + 86400.0):
+        if isinstance(event, DeliveryAttempt):
+            tally.add_all(reported_sessions(event))
+    return tally
+
+
+class TlsReporter:
+    """Builds and sends the daily reports.
+
+    Parameters:
+        sender: who reports (``report_sender``); dkim_key: signs report mail, or None.
+        source: the stored events (the receipt log); dns: ``_smtp._tls`` lookups.
+        post: HTTPS delivery (``HttpsPoster``); mail: into our spool and queue.
+        state: the sealed sent-state; clock: now; rand: jitter in [0, 1).
+        hostname: for the Message-ID.
+    """
+
+    def __init__(
+        self,
+        *,
+        sender: ReportSender,
+        dkim_key: DkimKey | None,
+        source: EventSource,
+        dns: TxtResolver,
+        post: Post,
+        mail: Mail,
+        state: SentState,
+        clock: Clock,
+        rand: Callable[[], float],
+        hostname: str,
+    ) -> None:
+        self._sender, self._dkim = sender, dkim_key
+        self._source, self._dns, self._post, self._mail = source, dns, post, mail
+        self._state, self._clock, self._rand = state, clock, rand
+        self._hostname = hostname
+        self._lock = asyncio.Lock()  # the daily run and ``mta tlsrpt send`` take turns
+
+    async def plan(self, day: date) -> list[PlannedReport]:
+        """The reports of ``day`` as they stand (one per policy domain with sessions)."""
+        tally = await asyncio.to_thread(tally_day, self._source, day)
+        return await plan_reports(tally, day, self._sender, self._dns, self._state)
+
+    async def send_day(self, day: date) -> SendSummary:
+        """Send what is left of ``day``'s reports; record each destination reached."""
+        async with self._lock:
+            summary = SendSummary()
+            for planned in await self.plan(day):
+                summary = _add(summary, await self._send(planned))
+            log.info("tlsrpt.sent", extra={"day": day.isoformat(), **_figures(summary)})
+            return summary
+
+    async def _send(self, planned: PlannedReport) -> SendSummary:
+        if planned.record is None:
+            return SendSummary(nowhere=1)
+        if planned.sent:
+            return SendSummary(already=1)
+        progress = planned.progress or Progress()
+        done, tries = set(progress.done), dict(progress.tries)
+        sent = failed = 0
+        todo = [d for d in planned.destinations if d not in done and tries.get(d, 0) < MAX_TRIES]
+        https = [d for d in todo if d.startswith("https:")]
+        mailto = [d for d in todo if d.startswith("mailto:")]
+        for url in https:
+            problem = await self._post(url, compress_report(planned.report))
+            tries[url] = tries.get(url, 0) + 1
+            if problem is None:
+                done.add(url)
+                sent += 1
+            else:
+                failed += 1
+                log.warning(
+                    "tlsrpt.post.failed",
+                    extra={"domain": planned.domain, "url": url, "error": problem},
+                )
+        if mailto:
+            problem = await self._send_mail(planned, [d.removeprefix("mailto:") for d in mailto])
+            for destination in mailto:
+                tries[destination] = tries.get(destination, 0) + 1
+                if problem is None:
+                    done.add(destination)
+            sent, failed = (sent + len(mailto), failed) if problem is None else (sent, failed + 1)
+        self._state.save(planned.day, planned.domain, Progress(frozenset(done), tries))
+        return SendSummary(sent=sent, failed=failed)
+
+    async def _send_mail(self, planned: PlannedReport, addresses: list[str]) -> str | None:
+        now = self._clock.now()
+        content = report_message(
+            planned.report,
+            day=planned.day,
+            domain=planned.domain,
+            sender=self._sender,
+            to=addresses,
+            now=datetime.fromtimestamp(now, UTC),
+            message_id=make_msgid("tlsrpt", self._hostname),
+            dkim_key=self._dkim,
+        )
+        # The null sender: a report that cannot be delivered bounces to no one.
+        envelope = Envelope("", tuple(addresses), now, helo=self._hostname, report=True)
+        try:
+            qid = await self._mail(envelope, content)
+        except Exception as err:  # the spool refused (full disk...): retried next run
+            log.warning("tlsrpt.mail.failed", extra={"domain": planned.domain, "error": str(err)})
+            return str(err)
+        log.info("tlsrpt.mail.queued", extra={"qid": qid, "domain": planned.domain})
+        return None
+
+    def day_of(self, text: str) -> date:
+        """A control command's day: ``YYYY-MM-DD``, or today (UTC) when empty."""
+        if not text.strip():
+            return datetime.fromtimestamp(self._clock.now(), UTC).date()
+        return date.fromisoformat(text.strip())
+
+    async def show_command(self, argument: str) -> str:
+        """``tlsrpt-show [DAY]``: the day's reports as they stand, one JSON line."""
+        return "ok " + json.dumps(show_doc(await self.plan(self.day_of(argument))))
+
+    async def send_command(self, argument: str) -> str:
+        """``tlsrpt-send [DAY]``: send what is left of the day's reports now."""
+        return "ok " + (await self.send_day(self.day_of(argument))).line()
+
+    async def run(self) -> None:
+        """Forever: after each UTC midnight plus jitter, the day before (module docstring)."""
+        jitter = self._rand() * MAX_JITTER
+        while True:
+            now = self._clock.now()
+            today = datetime.fromtimestamp(now, UTC).date()
+            due = day_range(today)[0].timestamp() + jitter
+            if now < due:
+                await asyncio.sleep(due - now)
+                continue
+            try:
+                summary = await self.send_day(today - timedelta(days=1))
+                await asyncio.to_thread(self._state.expire, today)
+            except Exception:
+                log.exception("tlsrpt.run.failed")
+                summary = SendSummary(failed=1)
+            jitter = self._rand() * MAX_JITTER
+            tomorrow = day_range(today + timedelta(days=1))[0].timestamp() + jitter
+            wait = tomorrow - self._clock.now()
+            if summary.pending:
+                wait = min(wait, RETRY_INTERVAL)
+            await asyncio.sleep(max(wait, 1.0))
+
+
+async def plan_reports(
+    tally: DailyTally, day: date, sender: ReportSender, dns: TxtResolver, state: SentState | None
+) -> list[PlannedReport]:
+    """Each policy domain's report of ``day``, where it goes and what was done."""
+    planned: list[PlannedReport] = []
+    for domain in tally.domains(day):
+        report = render_report(
+            tally,
+            day,
+            domain,
+            organization=sender.organization,
+            contact=sender.contact,
+            report_id=report_id(day, domain, sender.submitter),
+        )
+        record = await discover(dns, domain)
+        progress = await asyncio.to_thread(state.load, day, domain) if state else None
+        planned.append(PlannedReport(day, domain, report, record, progress))
+    return planned
+
+
+def show_doc(planned: Sequence[PlannedReport]) -> list[dict[str, Any]]:
+    """What ``mta tlsrpt show --json`` prints: per policy domain, the report, where it
+    goes and whether that is done."""
+    return [
+        {
+            "policy-domain": report.domain,
+            "destinations": list(report.destinations),
+            "status": "no-record" if report.record is None else "sent" if report.sent else "due",
+            "report": report.report,
+        }
+        for report in planned
+    ]
+
+
+def _add(a: SendSummary, b: SendSummary) -> SendSummary:
+    return SendSummary(
+        a.sent + b.sent, a.failed + b.failed, a.already + b.already, a.nowhere + b.nowhere
+    )
+
+
+def _figures(summary: SendSummary) -> dict[str, int]:
+    return {
+        "sent": summary.sent,
+        "failed": summary.failed,
+        "already": summary.already,
+        "no_record": summary.nowhere,
+    }
+
+
+def build_reporter(
+    config: Config,
+    *,
+    hostname: str,
+    dns: DnsClient,
+    keyring: KeyRing,
+    ssl_context: ssl.SSLContext,
+    mail: Mail,
+    source: EventSource,
+    clock: Clock,
+) -> TlsReporter:
+    """The relay's reporter (``app._start``); reads the DKIM key now (``ConfigError``)."""
+
+    async def resolve(host: str) -> list[str]:
+        found = await dns.addresses(host)
+        return list(found.addresses) if isinstance(found, AddressesFound) else []
+
+    return TlsReporter(
+        sender=report_sender(config, hostname),
+        dkim_key=load_dkim_key(config),
+        source=source,
+        dns=dns,
+        post=HttpsPoster(ssl_context, resolve),
+        mail=mail,
+        state=SentState(config.spool.path, keyring, os.urandom),
+        clock=clock,
+        rand=random.SystemRandom().random,
+        hostname=hostname,
+    )
