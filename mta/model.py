@@ -29,6 +29,7 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     report: bool = False  # mail the relay wrote itself (a TLS report): never counted in one
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689): authenticated TLS hops only
 
 
 def domain_of(address: str) -> str:

@@ -42,6 +42,9 @@ S501_BAD_SENDER = SmtpReply(501, "5.1.7", "Bad sender address syntax")
 S503_NEED_RCPT = SmtpReply(503, "5.5.1", "Need RCPT command")
 S530_STARTTLS_FIRST = SmtpReply(530, "5.7.0", "Must issue a STARTTLS command first")
 S530_AUTH_REQUIRED = SmtpReply(530, "5.7.0", "Authentication required")
+S530_REQUIRETLS_NEEDS_TLS = SmtpReply(
+    530, "5.7.10", "REQUIRETLS needs a TLS session: issue STARTTLS first"
+)
 S550_BARE_LINE_ENDING = SmtpReply(
     550, "5.5.2", "Message contains bare CR or LF; line endings must be CRLF"
 )

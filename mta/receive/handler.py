@@ -21,6 +21,9 @@ client get ``250``.
   cipher, or ``(no TLS)``, and after AUTH ``(Authenticated sender: alice)``. It carries
   no ``id``: the queue id exists only once the spool has stored the message, and the
   header is part of what it stores.
+- REQUIRETLS (RFC 8689): advertised in EHLO on TLS sessions only; ``MAIL FROM:<...>
+  REQUIRETLS`` outside TLS gets ``530 5.7.10``; inside, the flag is kept in the sealed
+  envelope and delivery honours it (``deliver.agent``).
 - ``accept`` raising ``SpoolError`` is ``452 4.3.1``; any other error ``451 4.3.0``.
   The session carries on either way.
 """
@@ -65,6 +68,7 @@ from mta.reply import (
     S452_TOO_MANY_RCPTS,
     S501_BAD_ADDRESS,
     S501_BAD_SENDER,
+    S530_REQUIRETLS_NEEDS_TLS,
     S550_BARE_LINE_ENDING,
     S554_RELAY_DENIED,
     SmtpReply,
@@ -78,6 +82,7 @@ Accept = Callable[[Envelope, bytes], Awaitable[QueueId]]
 
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 _EXTRA_EHLO: Final = ("PIPELINING", "ENHANCEDSTATUSCODES")
+REQUIRETLS: Final = "REQUIRETLS"  # EHLO keyword and MAIL parameter (RFC 8689 §2)
 
 
 def client_ip(session: Session) -> str:
@@ -292,11 +297,16 @@ class RelayHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """Add our extensions; drop an ``AUTH`` line that lists no mechanism."""
+        """Add our extensions; drop an ``AUTH`` line that lists no mechanism.
+
+        ``REQUIRETLS`` only on a TLS session (RFC 8689 §2: after STARTTLS, or on smtps):
+        a client must not be told before TLS that its demand could be honoured.
+        """
         session.host_name = hostname
         greeting, *extensions = (line[4:] for line in responses)
         keep = [ext for ext in extensions if ext.strip() != "AUTH" and ext not in _EXTRA_EHLO]
-        keep[-1:-1] = list(_EXTRA_EHLO)  # before the closing HELP
+        extra = [*_EXTRA_EHLO, *([REQUIRETLS] if tls_object(server, session) else [])]
+        keep[-1:-1] = extra  # before the closing HELP
         lines = [greeting, *keep]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
@@ -312,6 +322,10 @@ class RelayHandler:
             sender = parse_path(address, allow_null=True)
         except AddressError:
             return str(S501_BAD_SENDER)
+        if REQUIRETLS in mail_options and tls_object(server, session) is None:
+            # RFC 8689 §2: the option is only valid in a session that is itself TLS.
+            log.info("receive.requiretls.no_tls", extra={"client": client_ip(session)})
+            return str(S530_REQUIRETLS_NEEDS_TLS)
         user = login_of(session)
         if user is not None and not self.sender_logins.allows(user, sender):
             # Checked at every MAIL, so a second transaction (after RSET) is checked too.
@@ -389,6 +403,7 @@ class RelayHandler:
             helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
+            requiretls=REQUIRETLS in envelope.mail_options,
         )
         content = header + raw
         facts: dict[str, Any] = {
@@ -400,6 +415,8 @@ class RelayHandler:
         }
         if session.authenticated:
             facts["user"] = redact(login_of(session) or "")
+        if message.requiretls:
+            facts["requiretls"] = True
         try:
             qid = await self.accept(message, content)
         except SpoolError as err:

@@ -27,9 +27,10 @@ Hostile input, and the reply each limit gives (``limits.*`` in the policy):
 - Commands pipelined after STARTTLS are discarded with the plaintext buffer when TLS
   starts (aiosmtpd >= 1.4.6, CVE-2024-34083); we log that they were there.
 - Line lengths (RFC 5321 §4.5.3.1.4, §4.5.3.1.6): a command line over 512 octets
-  (MAIL: 538, for SIZE) gets ``500 5.5.2``; a text line over 1000 octets ends DATA with
-  ``500 5.5.2 Line too long`` and nothing is stored (RFC 5321 §4.5.3.1.9's "500 Line
-  too long"; a syntax error of the DATA stream, not of the message, hence 5.5.2).
+  (MAIL: 549, for SIZE and REQUIRETLS) gets ``500 5.5.2``; a text line over 1000 octets
+  ends DATA with ``500 5.5.2 Line too long`` and nothing is stored (RFC 5321
+  §4.5.3.1.9's "500 Line too long"; a syntax error of the DATA stream, not of the
+  message, hence 5.5.2).
 - Size: ``MAIL SIZE=`` over ``limits.message_size``, or more data than that, gets
   ``552 5.3.4``.
 - Sessions: beyond ``limits.connections`` in total or ``limits.connections_per_client``
@@ -76,7 +77,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
@@ -110,6 +111,7 @@ IDENT: Final = "ESMTP mta"
 DATA_CHUNK: Final = 64 * 1024  # octets read at a time in DATA
 COMMAND_LINE: Final = 512  # octets, CRLF not counted (RFC 5321 §4.5.3.1.4)
 SIZE_PARAMETER: Final = 26  # " SIZE=" and up to 20 digits: MAIL may be this much longer (RFC 1870)
+REQUIRETLS_PARAMETER: Final = 11  # " REQUIRETLS" (RFC 8689 §2)
 HELD_REPLIES: Final = 4096  # octets of replies held back for pipelining, at most (_send)
 STORE_GRACE: Final = 10.0  # seconds a message being stored may take at shutdown
 _REFUSED: Final[dict[Refusal, SmtpReply]] = {
@@ -238,7 +240,8 @@ class _CommandSizeLimits(dict[str, int]):
     """
 
     def __missing__(self, command: str) -> int:
-        return COMMAND_LINE + (SIZE_PARAMETER if command == "MAIL" else 0)
+        extra = SIZE_PARAMETER + REQUIRETLS_PARAMETER if command == "MAIL" else 0
+        return COMMAND_LINE + extra
 
     def __setitem__(self, command: str, limit: int) -> None:
         pass
@@ -306,6 +309,7 @@ class RelaySMTP(SMTP):
         )
         self.implicit_tls = implicit_tls
         self.rcpt_argument: str | None = None
+        self._in_mail = False  # parsing MAIL's parameters (``_getparams``)
         self.limits = limits or LimitsConfig()
         self.sessions = sessions
         self.auth_failures = auth_failures
@@ -670,6 +674,23 @@ class RelaySMTP(SMTP):
         }
         self._tls_handshake_okay = True
         self._reset_timeout()
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._in_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._in_mail = False
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter parsing, with ``REQUIRETLS`` (no value) taken as known on
+        MAIL: aiosmtpd would answer ``555``. It stays in ``mail_options``, where the
+        handler decides (``530 5.7.10`` outside TLS, RFC 8689 §2)."""
+        found: dict[str, str | bool] | None = super()._getparams(params)
+        if self._in_mail and found is not None and found.get("REQUIRETLS") is True:
+            del found["REQUIRETLS"]
+        return found
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = _PLAIN_ANGLE_ADDR.match(arg)

@@ -31,7 +31,7 @@ _FIELDS: Final = frozenset(
         "body_8bit",
     }
 )
-_OPTIONAL: Final = frozenset({"report"})  # written only when set: older records lack it
+_OPTIONAL: Final = frozenset({"report", "requiretls"})  # written only when set: older lack them
 
 
 def encode_message(envelope: Envelope, content: bytes) -> bytes:
@@ -48,6 +48,8 @@ def encode_message(envelope: Envelope, content: bytes) -> bytes:
     }
     if envelope.report:
         doc["report"] = True
+    if envelope.requiretls:
+        doc["requiretls"] = True
     meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
     return b"".join((_LENGTH.pack(len(meta)), meta, content))
 
@@ -89,6 +91,7 @@ def _envelope(doc: dict[str, Any]) -> Envelope:
         smtputf8=_typed(doc, "smtputf8", bool),
         body_8bit=_typed(doc, "body_8bit", bool),
         report=_typed(doc, "report", bool) if "report" in doc else False,
+        requiretls=_typed(doc, "requiretls", bool) if "requiretls" in doc else False,
     )
 
 

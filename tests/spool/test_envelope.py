@@ -24,6 +24,7 @@ envelopes = st.builds(
     smtputf8=st.booleans(),
     body_8bit=st.booleans(),
     report=st.booleans(),
+    requiretls=st.booleans(),
 )
 
 ENVELOPE = Envelope("alice@example.org", ("bob@example.net",), 1_700_000_000.5, "192.0.2.1", "mx")
@@ -77,6 +78,7 @@ def good_doc() -> dict[str, object]:
         ({"received_at": 10**400}, "received_at"),
         ({"smtputf8": 1}, "smtputf8"),
         ({"report": 1}, "report"),
+        ({"requiretls": "yes"}, "requiretls"),
         ({"unknown": 1}, "fields"),
     ],
 )
@@ -92,6 +94,17 @@ def test_a_report_envelope_round_trips_and_older_records_are_not_reports() -> No
     assert "report" not in good_doc()  # records as they were before the flag existed
     decoded, _ = decode_message(payload_with(good_doc()))
     assert decoded.report is False
+
+
+def test_the_requiretls_flag_is_sealed_and_older_records_lack_it() -> None:
+    """RFC 8689: the sender's demand travels with the message through the spool."""
+    demanding = Envelope("alice@example.org", ("bob@example.net",), 1.0, requiretls=True)
+    meta = encode_message(demanding, b"x")[4:]
+    assert json.loads(meta[: meta.index(b"}") + 1])["requiretls"] is True
+    assert decode_message(encode_message(demanding, b"x")) == (demanding, b"x")
+    assert "requiretls" not in good_doc()  # records as they were before the flag existed
+    decoded, _ = decode_message(payload_with(good_doc()))
+    assert decoded.requiretls is False
 
 
 def test_missing_field() -> None:
