@@ -37,6 +37,7 @@ from mta.policy.resolver import DestinationResolver
 from mta.policy.sts_cache import StsCache, StsResolver
 from mta.policy.sts_fetch import StsFetcher
 from mta.policy.verify import TrustStore, load_trust_store
+from mta.queuetools import control_commands as queue_commands
 from mta.receive.auth import PasswordFile
 from mta.receive.server import Sessions, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
@@ -404,6 +405,7 @@ async def _start(config: Config) -> Relay:
         {
             "tlsrpt-show": reporter.show_command if reporter else _tlsrpt_off,
             "tlsrpt-send": reporter.send_command if reporter else _tlsrpt_off,
+            **queue_commands(scheduler, clock),
         },
     )
     log.info(

@@ -21,6 +21,7 @@ from mta import __version__, config, control
 from mta.clock import SystemClock
 from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
+from mta.queueops import Action, SelectionError, make_selection
 from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
 from mta.receive.auth import add_user
 from mta.spool import keycheck
@@ -77,6 +78,32 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"flushed: {answer.removeprefix('ok').strip()} message(s) due now")
     return EXIT_OK
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    from mta import queuetools  # imported here: it pulls in the scheduler
+
+    cfg = _load(args)
+    try:
+        (qid,) = make_selection([args.qid]).qids
+    except SelectionError as err:
+        print(f"mta: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK if queuetools.show(cfg, qid, as_json=args.json, body=args.body) else EXIT_FAILURE
+
+
+def cmd_queue_change(args: argparse.Namespace) -> int:
+    from mta import queuetools  # imported here: it pulls in the scheduler
+
+    cfg = _load(args)
+    every = getattr(args, "all", False)
+    try:
+        selection = make_selection(args.qids, every=every, domain=args.domain or "")
+    except SelectionError as err:
+        print(f"mta: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    ok = queuetools.change(cfg, Action(args.action), selection)
+    return EXIT_OK if ok else EXIT_FAILURE
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -254,14 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run the relay"))
     run.set_defaults(func=cmd_run)
 
-    queue = sub.add_parser("queue", help="inspect or flush the queue").add_subparsers(
-        dest="action", required=True
-    )
+    queue = sub.add_parser(
+        "queue", help="inspect, flush, hold, release, delete or requeue"
+    ).add_subparsers(dest="action", required=True)
     qlist = with_config(queue.add_parser("list", help="list queued messages (like mailq)"))
     qlist.add_argument("--json", action="store_true", help="one JSON document")
     qlist.set_defaults(func=cmd_queue_list)
     qflush = with_config(queue.add_parser("flush", help="retry every queued message now"))
     qflush.set_defaults(func=cmd_queue_flush)
+    qshow = with_config(queue.add_parser("show", help="one message: envelope, state, headers"))
+    qshow.add_argument("qid")
+    qshow.add_argument("--json", action="store_true", help="one JSON document")
+    qshow.add_argument("--body", action="store_true", help="the body too (decrypted; logged)")
+    qshow.set_defaults(func=cmd_queue_show)
+    for action, text in (
+        (Action.HOLD, "put messages on hold: never attempted, never expired (postsuper -h)"),
+        (Action.RELEASE, "release held messages, due now (postsuper -H)"),
+        (Action.DELETE, "delete messages without a DSN (postsuper -d)"),
+        (Action.REQUEUE, "retry messages now, backoff forgotten (postsuper -r)"),
+    ):
+        qchange = with_config(queue.add_parser(action.value, help=text))
+        qchange.add_argument("qids", nargs="*", metavar="QID")
+        if action is not Action.DELETE:
+            qchange.add_argument("--all", action="store_true", help="every queued message")
+        qchange.add_argument("--domain", metavar="D", help="messages with recipients in D")
+        qchange.set_defaults(func=cmd_queue_change)
 
     stats = with_config(
         sub.add_parser("stats", help="queue and process figures of the running relay")

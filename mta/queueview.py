@@ -1,5 +1,7 @@
 """``mta queue list|flush`` and ``mta keys list`` read the spool directly, relay running or not.
 
+(``mta queue show|hold|release|delete|requeue`` live in ``queuetools``.)
+
 Like ``mailq``, listing needs no running relay: it opens the sealed state records with
 the key file (a message never attempted has no state yet; its envelope is read instead).
 Only domains are shown, never addresses. Offline flush rewrites states as due now.
@@ -29,7 +31,7 @@ def _store(config: Config) -> SpoolStore:
     return SpoolStore(config.spool.path, KeyRing.load(config.spool.key_file))
 
 
-async def _state(store: SpoolStore, qid: QueueId) -> MessageState | None:
+async def stored_state(store: SpoolStore, qid: QueueId) -> MessageState | None:
     """The message's state, or ``None`` when it vanished (delivered) or is corrupt.
 
     A running relay removes delivered messages while we list: a message file that is
@@ -54,7 +56,7 @@ async def list_queue(config: Config, now: float) -> list[QueueEntry]:
     store = _store(config)
     entries = []
     for qid in store.queue_ids():
-        state = await _state(store, qid)
+        state = await stored_state(store, qid)
         if state is not None:
             entries.append(queue_entry(qid, state, now))
     return entries
@@ -65,8 +67,8 @@ async def flush_offline(config: Config, now: float) -> int:
     store = _store(config)
     count = 0
     for qid in store.queue_ids():
-        state = await _state(store, qid)
-        if state is not None and state.pending:
+        state = await stored_state(store, qid)
+        if state is not None and state.pending and not state.held:
             await store.write_state(qid, encode_state(state.flush(now)))
             count += 1
     return count
@@ -77,7 +79,8 @@ def key_usage(config: Config) -> dict[str, int]:
     return SpoolDirectory(config.spool.path).key_references()
 
 
-def _when(moment: float | None, now: float) -> str:
+def when_text(moment: float | None, now: float) -> str:
+    """A next attempt as ``mailq`` shows it: ``now``, ``-`` (none) or the time until it."""
     if moment is None:
         return "-"
     return "now" if moment <= now else _span(moment - now)
@@ -98,12 +101,15 @@ def entry_dict(entry: QueueEntry) -> dict[str, Any]:
         "domains": list(entry.domains),
         "next_attempt": entry.next_attempt,
         "last_error": entry.last_error,
+        "held": entry.held,
     }
 
 
 def entry_line(entry: QueueEntry, now: float | None = None) -> str:
-    """One ``mailq``-style line: qid, age, next attempt in, domains, last error."""
+    """One ``mailq``-style line: qid (``!`` after it when held, as ``mailq`` marks mail on
+    hold), age, next attempt in, domains, last error."""
     now = time.time() if now is None else now
-    line = f"{entry.qid:<22} {_span(entry.age):>7}  {_when(entry.next_attempt, now):>7}  "
+    qid = entry.qid + ("!" if entry.held else "")
+    line = f"{qid:<22} {_span(entry.age):>7}  {when_text(entry.next_attempt, now):>7}  "
     line += ",".join(entry.domains)
     return line + (f"  ({entry.last_error})" if entry.last_error else "")

@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
@@ -201,7 +201,7 @@ class Scheduler:
         now = self._clock.now()
         count = 0
         for qid, entry in self._index.items():
-            if entry.state.done:
+            if entry.state.done or entry.state.held:
                 continue
             entry.state = entry.state.flush(now)
             self._push(now, qid)
@@ -215,6 +215,50 @@ class Scheduler:
         now = self._clock.now()
         entries = [queue_entry(qid, e.state, now) for qid, e in self._index.items()]
         return sorted(entries, key=lambda entry: -entry.age)
+
+    def states(self) -> list[tuple[QueueId, MessageState]]:
+        """Every queued message and its state now (``mta queue hold --domain`` picks)."""
+        return [(qid, entry.state) for qid, entry in self._index.items()]
+
+    async def change(
+        self, qid: QueueId, alter: Callable[[MessageState], MessageState]
+    ) -> MessageState | None:
+        """Replace a message's state by ``alter(state)`` (hold, release, requeue), written
+        to the spool before it takes effect; ``None`` when ``qid`` is not queued.
+
+        Under the message's lock, as an attempt's result is applied: an attempt in
+        flight applies its result to the altered state when it ends (a message held
+        meanwhile stays held, and is not tried again).
+        """
+        entry = self._index.get(qid)
+        if entry is None:
+            return None
+        async with entry.lock:
+            if self._index.get(qid) is not entry:
+                return None  # finished or deleted while we waited
+            state = alter(entry.state)
+            if state != entry.state:
+                await self._store.write_state(qid, encode_state(state))
+                entry.state = state
+        if (due := state.next_due) is not None:
+            self._push(due, qid)
+            self._wake.set()
+        return state
+
+    async def delete(self, qid: QueueId) -> bool:
+        """Remove a message from the queue and the spool without a DSN (``postsuper -d``);
+        False when ``qid`` is not queued. An attempt in flight for it runs to its end,
+        and its result is dropped: nothing writes the message back."""
+        entry = self._index.get(qid)
+        if entry is None:
+            return False
+        async with entry.lock:
+            if self._index.get(qid) is not entry:
+                return False
+            await self._store.remove(qid)
+            del self._index[qid]
+            self._forget_content(entry)
+        return True
 
     @property
     def in_flight(self) -> int:
@@ -365,6 +409,8 @@ class Scheduler:
         try:
             outcome = await self._deliver(qid, entry, domain, rcpts)
         except Exception:
+            if self._index.get(qid) is not entry:
+                return  # deleted meanwhile (``mta queue delete``): its record is gone
             log.error("schedule.attempt.error", exc_info=True, extra={"qid": qid, "domain": domain})
             outcome = (_all_deferred(domain, rcpts), b"")
         if outcome is None:

@@ -21,7 +21,8 @@ from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResul
 from mta.reply import SmtpReply
 from mta.schedule import backoff
 
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2  # 2 added ``held``; version 1 records decode as not held
+_VERSIONS: Final = frozenset({1, STATE_VERSION})
 
 
 class RcptStatus(enum.Enum):
@@ -68,10 +69,15 @@ class RecipientState:
 
 @dataclass(frozen=True, slots=True)
 class MessageState:
-    """All recipients of one queued message, in envelope order (duplicates collapsed)."""
+    """All recipients of one queued message, in envelope order (duplicates collapsed).
+
+    ``held`` (``mta queue hold``, Postfix's ``postsuper -h``): no recipient is due and
+    none expires until the message is released; the age still counts from receipt.
+    """
 
     received_at: float
     recipients: tuple[RecipientState, ...]
+    held: bool = False
 
     @property
     def pending(self) -> tuple[RecipientState, ...]:
@@ -93,8 +99,11 @@ class MessageState:
         return tuple(dict.fromkeys(r.domain for r in self.pending))
 
     def due_by_domain(self, now: float) -> dict[str, tuple[str, ...]]:
-        """The pending recipients due at ``now``, grouped by domain (envelope order)."""
+        """The pending recipients due at ``now``, grouped by domain (envelope order);
+        none while the message is held."""
         due: dict[str, list[str]] = {}
+        if self.held:
+            return {}
         for r in self.pending:
             if r.next_attempt <= now:
                 due.setdefault(r.domain, []).append(r.rcpt)
@@ -125,9 +134,10 @@ class MessageState:
         """Bounce the pending recipients (of ``rcpts``, or all) once ``max_age`` has passed.
 
         Returns the new state and the recipients bounced (their DSN status is 4.4.7,
-        "delivery time expired"); their ``reply`` stays the last one received.
+        "delivery time expired"); their ``reply`` stays the last one received. A held
+        message never expires (an attempt in flight when it was held may end after).
         """
-        if not backoff.expired(self.received_at, now, max_age):
+        if self.held or not backoff.expired(self.received_at, now, max_age):
             return self, ()
         recipients: list[RecipientState] = []
         bounced: list[RecipientState] = []
@@ -145,13 +155,38 @@ class MessageState:
         return replace(self, recipients=tuple(recipients)), tuple(bounced)
 
     def flush(self, now: float) -> MessageState:
-        """Every pending recipient due at ``now`` (``mta queue flush``)."""
+        """Every pending recipient due at ``now`` (``mta queue flush``); a held message
+        stays held."""
         return replace(
             self,
             recipients=tuple(
                 replace(r, next_attempt=min(r.next_attempt, now))
                 if r.status is RcptStatus.PENDING
                 else r
+                for r in self.recipients
+            ),
+        )
+
+    def hold(self) -> MessageState:
+        """Held: never attempted, never expired, until ``release`` (``postsuper -h``)."""
+        return replace(self, held=True)
+
+    def release(self, now: float) -> MessageState:
+        """No longer held, and every pending recipient due at ``now`` (``postsuper -H``).
+
+        The age counts from receipt as ever: a message held past ``max_age`` gets this
+        one attempt, and bounces if that attempt defers (as Postfix does).
+        """
+        return replace(self.flush(now), held=False)
+
+    def requeue(self, now: float) -> MessageState:
+        """Every pending recipient due at ``now`` with its backoff forgotten: its attempt
+        count starts again from 0, so the next deferral waits ``retry_min`` (``postsuper
+        -r``). Holding is not touched: a held message stays held."""
+        return replace(
+            self,
+            recipients=tuple(
+                replace(r, next_attempt=now, attempts=0) if r.status is RcptStatus.PENDING else r
                 for r in self.recipients
             ),
         )
@@ -206,6 +241,7 @@ def encode_state(state: MessageState) -> bytes:
     doc = {
         "v": STATE_VERSION,
         "received_at": state.received_at,
+        "held": state.held,
         "rcpts": [
             {
                 "rcpt": r.rcpt,
@@ -227,14 +263,18 @@ def decode_state(data: bytes) -> MessageState:
     """Parse ``encode_state`` output; ``StateError`` for anything else."""
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION:
+        if not isinstance(doc, dict) or doc.get("v") not in _VERSIONS:
             raise StateError("state record: unknown version")
         rcpts = doc["rcpts"]
         if not isinstance(rcpts, list):
             raise StateError("state record: rcpts is not a list")
+        held = doc["held"] if doc["v"] != 1 else False  # version 1 predates holding
+        if not isinstance(held, bool):
+            raise StateError("state record: held is not a boolean")
         return MessageState(
             received_at=_number(doc["received_at"]),
             recipients=tuple(_decode_rcpt(item) for item in rcpts),
+            held=held,
         )
     except (ValueError, KeyError, TypeError, RecursionError) as err:  # JSONDecodeError: ValueError
         raise StateError(f"state record: {type(err).__name__}") from None
@@ -286,13 +326,15 @@ def _decode_rcpt(item: object) -> RecipientState:
 
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
-    """One line of ``mta queue list``: no addresses, only domains."""
+    """One line of ``mta queue list``: no addresses, only domains. A held message has
+    no next attempt."""
 
     qid: QueueId
     age: float
     domains: tuple[str, ...]
     next_attempt: float | None
     last_error: str
+    held: bool = False
 
 
 def queue_entry(qid: QueueId, state: MessageState, now: float) -> QueueEntry:
@@ -306,6 +348,7 @@ def queue_entry(qid: QueueId, state: MessageState, now: float) -> QueueEntry:
         qid=qid,
         age=max(0.0, now - state.received_at),
         domains=state.domains,
-        next_attempt=state.next_due,
+        next_attempt=None if state.held else state.next_due,
         last_error=redact_text(next((r.last_error for r in pending if r.last_error), "")),
+        held=state.held,
     )

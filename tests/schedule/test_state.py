@@ -219,7 +219,10 @@ recipient_states = st.builds(
     reply=st.none() | replies,
 )
 states = st.builds(
-    MessageState, received_at=finite, recipients=st.tuples() | st.lists(recipient_states).map(tuple)
+    MessageState,
+    received_at=finite,
+    recipients=st.tuples() | st.lists(recipient_states).map(tuple),
+    held=st.booleans(),
 )
 
 
@@ -234,7 +237,9 @@ def test_encode_decode_round_trip(state: MessageState) -> None:
         b"",
         b"\xff\xfe",
         b"[]",
+        b'{"v":3,"received_at":0,"rcpts":[],"held":false}',
         b'{"v":2,"received_at":0,"rcpts":[]}',
+        b'{"v":2,"received_at":0,"rcpts":[],"held":1}',
         b'{"v":1,"received_at":"0","rcpts":[]}',
         b'{"v":1,"received_at":NaN,"rcpts":[]}',
         b'{"v":1,"received_at":0,"rcpts":{}}',
