@@ -121,6 +121,7 @@ class OutboundConfig:
     retry_min: float = 300.0
     retry_max: float = 4000.0
     helo_name: str = ""
+    honour_tls_required_no: bool = False  # RFC 8689 §4.2.2: off, the header changes nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +549,7 @@ def validate(
         retry_min=_duration(out_t, "retry_min", 300.0),
         retry_max=_duration(out_t, "retry_max", 4000.0),
         helo_name=out_t.get("helo_name", str, ""),
+        honour_tls_required_no=out_t.get("honour_tls_required_no", bool, False),
     )
     if outbound.retry_max < outbound.retry_min:
         raise out_t.error("retry_max", "must not be shorter than outbound.retry_min")

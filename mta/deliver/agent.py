@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from mta.config import Config
+from mta.deliver import requiretls
 from mta.deliver.pool import ConnectionCache
 from mta.deliver.session import (
     HostFailed,
@@ -96,8 +97,9 @@ class TlsContexts:
         return self._contexts[target.client_cert, target.client_key]
 
 
-def targets(plan: DomainPlan, host: HostPlan) -> list[Target]:
-    """The connections to make for one host (shared with ``mta check --connect``)."""
+def targets(plan: DomainPlan, host: HostPlan, *, tls_required_no: bool = False) -> list[Target]:
+    """The connections to make for one host (shared with ``mta check --connect``).
+    ``tls_required_no``: the message's ``TLS-Required: No`` is honoured (``Target``)."""
     assert host.requirement is not None
     local = plan.policy.local
     return [
@@ -108,6 +110,7 @@ def targets(plan: DomainPlan, host: HostPlan) -> list[Target]:
             host.requirement,
             local.client_cert if local else None,
             local.client_key if local else None,
+            tls_required_no,
         )
         for address in host.addresses
     ]
@@ -142,6 +145,7 @@ class DeliveryAgent:
         self._contexts = TlsContexts(config)
         self._connections: SessionCache = ConnectionCache()
         self._session: SessionRunner = session or self._smtp_session
+        self._honour_tls_required_no = config.outbound.honour_tls_required_no
 
     async def close(self) -> None:
         """Close the idle cached connections (shutdown)."""
@@ -160,12 +164,25 @@ class DeliveryAgent:
         Never raises for a per-message problem: every recipient gets a result.
         """
         rcpts = tuple(rcpts)
-        txn = Transaction(envelope.mail_from, rcpts, content, envelope.smtputf8, envelope.body_8bit)
+        txn = Transaction(
+            envelope.mail_from,
+            rcpts,
+            content,
+            envelope.smtputf8,
+            envelope.body_8bit,
+            envelope.requiretls,
+        )
+        # RFC 8689 §4.1: with REQUIRETLS on MAIL FROM the header is ignored.
+        relaxed = (
+            self._honour_tls_required_no
+            and not envelope.requiretls
+            and requiretls.tls_required_no(content)
+        )
         policy = "-"
         try:
             plan = await self._destinations.domain(domain)
             policy = f"{plan.policy.source.value}/{plan.policy.level.label}"
-            result = await self._attempt(qid, plan, txn)
+            result = await self._attempt(qid, plan, txn, relaxed)
         except MtaError as err:
             log.warning("deliver.failed", extra={"qid": qid, "domain": domain, "error": str(err)})
             reply = SmtpReply(err.reply.code, err.reply.enhanced, str(err) or err.reply.text)
@@ -182,7 +199,9 @@ class DeliveryAgent:
         context = self._contexts.for_target(target)
         return await deliver_session(target, txn, self._settings, context, self._connections)
 
-    async def _attempt(self, qid: QueueId, plan: DomainPlan, txn: Transaction) -> DeliveryResult:
+    async def _attempt(
+        self, qid: QueueId, plan: DomainPlan, txn: Transaction, relaxed: bool = False
+    ) -> DeliveryResult:
         domain = plan.domain
         sessions = _refused_by_sts(plan)
         if plan.terminal is not None:
@@ -194,21 +213,24 @@ class DeliveryAgent:
         last_host: str | None = None
         last_address: str | None = None
         dns_failure: DnsTempFail | NoDomain | None = None
+        temporary = False  # some host failed for a reason other than REQUIRETLS
         tried = 0
         for name in plan.hosts:
             if tried >= MAX_ADDRESSES:
                 break
             host = await self._destinations.host(plan, name)
             if host.dns_failure is not None:
+                temporary = True
                 if not isinstance(dns_failure, DnsTempFail):
                     dns_failure = host.dns_failure
                 continue
             if host.refusal is not None:
+                temporary = True
                 last, last_host, last_address = refusal_failure(host), name, None
                 sessions.append(SessionRecord(name, "", last.reply, last.reason))
                 _log_host_failure(qid, domain, name, "-", last)
                 continue
-            for target in targets(plan, host)[: MAX_ADDRESSES - tried]:
+            for target in targets(plan, host, tls_required_no=relaxed)[: MAX_ADDRESSES - tried]:
                 tried += 1
                 outcome = await self._session(target, txn)
                 sessions.append(_session_record(name, target.address, outcome))
@@ -222,11 +244,20 @@ class DeliveryAgent:
                         outcome.policy,
                         tuple(sessions),
                     )
+                temporary = temporary or not outcome.requiretls
                 last, last_host, last_address = outcome, name, target.address
                 _log_host_failure(qid, domain, name, target.address, outcome)
 
         if last is not None:
-            results = _all(txn.rcpts, Outcome.DEFERRED, last.reply, last.reason)
+            # RFC 8689 §4.2.1: no MX host can take a REQUIRETLS message: a non-delivery
+            # report (5.7.30), never a downgrade. While some host failed for another
+            # reason (it may yet prove itself), the message waits instead.
+            bounce = last.requiretls and not temporary
+            reply = last.reply
+            if last.requiretls and not bounce:
+                reply = SmtpReply(451, "4.7.30", reply.text)
+            decided = Outcome.BOUNCED if bounce else Outcome.DEFERRED
+            results = _all(txn.rcpts, decided, reply, last.reason)
             return DeliveryResult(
                 domain, results, last_host, last.tls, last_address, last.policy, tuple(sessions)
             )

@@ -8,8 +8,11 @@ translated here, once, into a typed ``SessionOutcome``:
   by one). The caller tries no other host.
 - ``HostFailed``: nothing was decided here (connection refused or lost, timeout, a 4xx
   or 5xx greeting, a 4xx to MAIL FROM, a TLS requirement not met): try the next
-  address. Its reply is always a 4xx that names the host; ``reason`` is set, with the
-  RFC 8460 result type, exactly when TLS was the problem.
+  address. Its reply is a 4xx that names the host; ``reason`` is set, with the
+  RFC 8460 result type, exactly when TLS was the problem. The one 5xx: a REQUIRETLS
+  message (RFC 8689) and a host that did not prove its certificate or does not offer
+  REQUIRETLS (``550 5.7.30``, ``requiretls`` set; ``mta.deliver.requiretls``), found
+  before MAIL FROM: no other message is held to that.
 
 TLS (RFC 3207): STARTTLS is required at every level but ``may``; a host that does not
 offer it fails with ``starttls-not-supported``. After the handshake, a session without
@@ -56,7 +59,9 @@ from typing import Final, Literal, TypeAlias, TypeVar
 import aiosmtplib
 from aiosmtplib.typing import Default
 
+from mta.deliver import requiretls
 from mta.deliver.pool import ConnectionCache
+from mta.deliver.requiretls import RELAXABLE
 from mta.deliver.tlschain import peer_chain
 from mta.deliver.tlsclient import ClientContexts, classify_tls_error
 from mta.deliver.wire import data_payload
@@ -89,6 +94,8 @@ class Target:
     requirement: HostRequirement
     client_cert: Path | None = None  # what we present for mutual TLS (a domain policy's)
     client_key: Path | None = None
+    # "TLS-Required: No" honoured (RFC 8689 §4.2.2): a failed DANE/MTA-STS check only logs
+    tls_required_no: bool = False
 
     @property
     def level(self) -> TlsLevel:
@@ -104,6 +111,7 @@ class Transaction:
     content: bytes
     smtputf8: bool = False
     body_8bit: bool = False
+    requiretls: bool = False  # RFC 8689: authenticated TLS and REQUIRETLS, or not here
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ class HostFailed:
     tls: TlsInfo | None = None
     policy: HostPolicy | None = None  # None: refused by the policy before connecting
     local_address: str = ""  # our end of the connection; "" when none was made
+    requiretls: bool = False  # refused only for the message's REQUIRETLS (reply 5.7.30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +307,7 @@ def _fall_back_to_plaintext(target: Target, failure: HostFailed) -> bool:
     return True
 
 
-CacheKey = tuple[str, int, str, HostRequirement, Path | None, Path | None]
+CacheKey = tuple[str, int, str, HostRequirement, Path | None, Path | None, bool]
 SessionCache: TypeAlias = "ConnectionCache[CacheKey, _Session]"
 
 
@@ -313,6 +322,7 @@ def cache_key(target: Target) -> CacheKey:
         target.requirement,
         target.client_cert,
         target.client_key,
+        target.tls_required_no,
     )
 
 
@@ -363,19 +373,26 @@ class _Session:
         requirement = self.target.requirement
         verified = self.verified
         auth = verified.auth if verified is not None and verified.ok else PeerAuth.NONE
+        report_only = requirement.report_only or self._relaxed
         reported = None
-        if verified is not None and not verified.ok and requirement.report_only:
+        if verified is not None and not verified.ok and report_only:
             reported = verified.reason or "validation-failure"
         return HostPolicy(
             requirement.source,
             requirement.level,
             requirement.check.kind,
             auth,
-            requirement.report_only,
+            report_only,
             reported_failure=reported,
             policy_strings=requirement.policy_strings,
             mx_patterns=requirement.sts.mx if requirement.sts is not None else (),
         )
+
+    @property
+    def _relaxed(self) -> bool:
+        """A failed check of the domain's own DANE/MTA-STS policy only logs: the message
+        says ``TLS-Required: No`` and the operator honours that (``requiretls``)."""
+        return self.target.tls_required_no and self.target.requirement.source in RELAXABLE
 
     def remote_failure(self, reply: SmtpReply, after: str) -> HostFailed:
         """A refusal that only rules out this host: its 4xx as is; a 5xx becomes 451 4.4.0."""
@@ -581,6 +598,16 @@ class _Session:
         self.tls = replace(self.tls, peer_verified=result.ok and requirement.check.kind != "none")
         if result.ok:
             return None
+        if self._relaxed and not requirement.report_only:
+            log.warning(
+                "deliver.tls.required_no",
+                extra={
+                    "mx": self.target.mx,
+                    "reason": result.reason,
+                    "source": requirement.source.value,
+                },
+            )
+            return None
         if requirement.report_only:
             log.warning(
                 "deliver.tls.report_only",
@@ -635,6 +662,11 @@ class _Session:
         smtp = self.smtp
         options: list[str] = []
         encoding = "ascii"
+        if txn.requiretls:
+            refused = self._requiretls_refusal()
+            if refused is not None:
+                return refused
+            options.append(requiretls.KEYWORD)
         if smtp.supports_extension("size"):
             options.append(f"SIZE={len(txn.content)}")
         if txn.body_8bit and smtp.supports_extension("8bitmime"):
@@ -694,6 +726,26 @@ class _Session:
                 decided[rcpt] = RecipientResult(rcpt, outcome, reply)
         results = tuple(decided[rcpt] for rcpt in txn.rcpts)
         return Transacted(results, self.tls, self.policy())
+
+    def _requiretls_refusal(self) -> HostFailed | None:
+        """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host that proved its
+        certificate and offers REQUIRETLS; else ``5.7.30`` (the agent tries other hosts,
+        then bounces). Nothing of the message has been sent; the connection stays sound."""
+        why = requiretls.refusal(
+            tls=self.tls is not None,
+            policy=self.policy(),
+            advertised=self.smtp.supports_extension(requiretls.KEYWORD),
+        )
+        if why is None:
+            return None
+        log.info(
+            "deliver.requiretls.refused",
+            extra={"mx": self.target.mx, "address": self.target.address, "why": why},
+        )
+        reply = SmtpReply(
+            550, requiretls.STATUS, f"REQUIRETLS support required: host {self.where}: {why}"
+        )
+        return replace(self.failed(reply.code, reply.enhanced, reply.text), requiretls=True)
 
 
 def _local_address(transport: asyncio.BaseTransport | None) -> str:

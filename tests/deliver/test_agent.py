@@ -488,3 +488,87 @@ def test_a_host_refused_by_the_policy_is_a_session_without_an_address() -> None:
     assert [(s.mx, s.address, s.result_type) for s in result.sessions] == [
         ("mx.evil.test", "", "validation-failure")
     ]
+
+
+# --- REQUIRETLS (RFC 8689 §4.2.1) and TLS-Required: No (§4.2.2) ---
+
+NO_REQUIRETLS = HostFailed(
+    SmtpReply(550, "5.7.30", "REQUIRETLS support required: host mx: REQUIRETLS not offered"),
+    requiretls=True,
+)
+TWO_MX = FakeDns(
+    mx={"dest.test": MxHosts((MxRecord(10, "mx1.dest.test"), MxRecord(20, "mx2.dest.test")))},
+    addresses={
+        "mx1.dest.test": AddressesFound(("127.0.0.21",)),
+        "mx2.dest.test": AddressesFound(("127.0.0.22",)),
+    },
+)
+
+
+def deliver_message(
+    cfg: Config, sessions: FakeSessions, envelope: Envelope, content: bytes
+) -> DeliveryResult:
+    destinations = DestinationResolver(
+        cfg, TWO_MX, None, None, dane_trusted=False, rand=random.Random(0)
+    )
+    agent = DeliveryAgent(cfg, destinations, session=sessions)
+    return asyncio.run(agent.deliver(QID, envelope, "dest.test", RCPTS, content))
+
+
+class RecordingSessions(FakeSessions):
+    def __init__(self, outcomes: Mapping[str, SessionOutcome | Exception] | None = None) -> None:
+        super().__init__(outcomes)
+        self.txns: list[Transaction] = []
+
+    async def __call__(self, target: Target, txn: Transaction) -> SessionOutcome:
+        self.txns.append(txn)
+        return await super().__call__(target, txn)
+
+
+REQUIRING = dataclasses.replace(ENVELOPE, requiretls=True)
+BODY = b"Subject: x\r\n\r\nhi\r\n"
+
+
+def test_requiretls_tries_every_mx_then_bounces_with_5_7_30() -> None:
+    sessions = RecordingSessions({"127.0.0.21": NO_REQUIRETLS, "127.0.0.22": NO_REQUIRETLS})
+    result = deliver_message(config(), sessions, REQUIRING, BODY)
+    assert [t.address for t in sessions.targets] == ["127.0.0.21", "127.0.0.22"]
+    assert all(txn.requiretls for txn in sessions.txns)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.BOUNCED, 550, "5.7.30")
+    }
+
+
+def test_requiretls_goes_to_the_mx_that_can_take_it() -> None:
+    sessions = RecordingSessions({"127.0.0.21": NO_REQUIRETLS})
+    result = deliver_message(config(), sessions, REQUIRING, BODY)
+    assert outcomes(result) == {Outcome.SENT}
+    assert result.mx == "mx2.dest.test"
+
+
+def test_requiretls_waits_while_another_mx_failed_for_another_reason() -> None:
+    sessions = RecordingSessions({"127.0.0.21": REFUSED, "127.0.0.22": NO_REQUIRETLS})
+    result = deliver_message(config(), sessions, REQUIRING, BODY)
+    assert {(r.outcome, r.reply.code, r.reply.enhanced) for r in result.results} == {
+        (Outcome.DEFERRED, 451, "4.7.30")
+    }
+
+
+NO_HEADER = b"Subject: x\r\nTLS-Required: No\r\n\r\nhi\r\n"
+
+
+@pytest.mark.parametrize(
+    ("honour", "envelope", "relaxed"),
+    [
+        (False, ENVELOPE, False),  # the default: the header changes nothing
+        (True, ENVELOPE, True),
+        (True, REQUIRING, False),  # §4.1: REQUIRETLS on MAIL FROM wins, header ignored
+    ],
+)
+def test_tls_required_no_is_honoured_only_when_configured(
+    honour: bool, envelope: Envelope, relaxed: bool
+) -> None:
+    sessions = RecordingSessions()
+    cfg = config({"outbound": {"port": 2525, "honour_tls_required_no": honour}})
+    deliver_message(cfg, sessions, envelope, NO_HEADER)
+    assert {t.tls_required_no for t in sessions.targets} == {relaxed}

@@ -55,6 +55,7 @@ class ReceivedMessage:
     content: bytes
     tls_version: str | None
     tls_cipher: str | None
+    mail_options: tuple[str, ...] = ()  # the MAIL FROM parameters (``REQUIRETLS``...)
 
 
 def _server_context(
@@ -98,6 +99,13 @@ class _Smtp(SMTP):
     drop the connection part way (``drop_in_data``); else unchanged."""
 
     drop_in_data = False
+    requiretls = False  # advertise and take REQUIRETLS (RFC 8689) once TLS is up
+
+    def _getparams(self, params: Any) -> Any:
+        found = super()._getparams(params)
+        if self.requiretls and self._tls_protocol and found and found.get("REQUIRETLS") is True:
+            del found["REQUIRETLS"]  # known here; it stays in mail_options
+        return found
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -171,9 +179,22 @@ class _Handler:
                 content=bytes(content),
                 tls_version=version,
                 tls_cipher=cipher,
+                mail_options=tuple(envelope.mail_options),
             )
         )
         return "250 2.0.0 OK: queued"
+
+
+class _RequireTlsHandler(_Handler):
+    """``_Handler`` that adds ``REQUIRETLS`` to the EHLO reply after STARTTLS."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if server._tls_protocol:
+            responses.insert(-1, "250-REQUIRETLS")
+        return responses
 
 
 class Receiver(ThreadedServer):
@@ -189,6 +210,7 @@ class Receiver(ThreadedServer):
         client_ca: require a client certificate issued by this CA (mutual TLS).
         data_delay: seconds to wait before answering the end of DATA.
         drop_in_data: drop the connection after the first line of each message.
+        requiretls: advertise ``REQUIRETLS`` after STARTTLS and take the MAIL parameter.
     """
 
     kind = "receiver"
@@ -205,6 +227,7 @@ class Receiver(ThreadedServer):
         client_ca: trustme.CA | None = None,
         data_delay: float = 0.0,
         drop_in_data: bool = False,
+        requiretls: bool = False,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {TLS_MODES}, got {tls!r}")
@@ -215,6 +238,7 @@ class Receiver(ThreadedServer):
         self.rcpt_reply = dict(rcpt_reply or {})
         self.data_delay = data_delay
         self.drop_in_data = drop_in_data
+        self.requiretls = requiretls
         self.messages: list[ReceivedMessage] = []
         self._changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -258,7 +282,7 @@ class Receiver(ThreadedServer):
 
     def _factory(self) -> SMTP:
         server = _Smtp(
-            _Handler(self),
+            (_RequireTlsHandler if self.requiretls else _Handler)(self),
             hostname=SERVER_NAME,
             ident="mta test receiver",
             tls_context=self._context if self.tls in ("fs", "non-fs") else None,
@@ -268,6 +292,7 @@ class Receiver(ThreadedServer):
             timeout=30,
         )
         server.drop_in_data = self.drop_in_data
+        server.requiretls = self.requiretls
         self._servers.append(server)
         return server
 
