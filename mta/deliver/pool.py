@@ -2,8 +2,10 @@
 
 A delivery that ends cleanly hands its connection back; the next delivery with exactly
 the same cache key (peer address and port, MX name, the full requirement the peer was
-checked against, our client identity; see ``session.cache_key``) takes it, sends RSET
-and goes on without a new TCP connection or TLS handshake. An idle connection is closed
+checked against, our client identity; see ``session.cache_key``) takes it and sends
+MAIL at once, without a new TCP connection or TLS handshake. Only a connection whose
+last transaction ended (DATA answered) comes back here: one with its transaction still
+open (every RCPT refused) is closed instead. An idle connection is closed
 after ``idle_time`` seconds (Postfix's ``smtp_connection_cache_time_limit`` is 2 s) or
 after ``max_uses`` transactions, and all of them at shutdown.
 """

@@ -712,7 +712,11 @@ class _Session:
             else:
                 accepted.append(rcpt)
 
-        if accepted:
+        if not accepted:
+            # No DATA: the server's transaction stays open, and MAIL on this connection
+            # would be a nested MAIL (503). QUIT it instead of caching it.
+            self.reusable = False
+        else:
             self.stage = "DATA"
             try:
                 response = await _data(smtp, txn.content)

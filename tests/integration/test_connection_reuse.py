@@ -124,3 +124,15 @@ def test_a_connection_closed_by_the_peer_is_replaced(tls_ca: trustme.CA, ca_file
         assert len(second.messages) == 1
     finally:
         second.stop()
+
+
+def test_a_transaction_without_accepted_recipients_is_not_reused(
+    tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    """The peer refused every RCPT, so its transaction is still open: a reused connection
+    would send MAIL into it ("503 nested MAIL") and bounce the next message."""
+    refused = {"user0@a.test": "450 4.2.1 Try later"}
+    with Receiver("127.0.0.45", tls="fs", ca=tls_ca, rcpt_reply=refused) as receiver:
+        outcomes = deliver_all(make_config(receiver, ca_file), ["a.test", "a.test"])
+        assert outcomes == [{Outcome.DEFERRED}, {Outcome.SENT}]
+        assert len(receiver.messages) == 1
