@@ -85,8 +85,10 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def mta_policy(port: int, sink: tuple[str, int], concurrency: int) -> str:
-    """The policy: one relay listener, everything routed to the sink, WARNING logs."""
+    """The policy: one relay listener, everything routed to the sink, WARNING logs; run
+    as root here (the Postfix side needs root), which ``mta run`` refuses unless told."""
     return (
+        "[server]\nallow_root = true\n\n"
         f'[[listener]]\naddress = "127.0.0.1"\nport = {port}\n\n'
         f"[outbound]\nmax_per_destination = {concurrency}\n\n"
         f'[log]\nlevel = "WARNING"\n\n'

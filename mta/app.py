@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from mta import fdbudget
+from mta import fdbudget, privileges
 from mta.clock import Clock, SystemClock
 from mta.config import Config, ListenerConfig
 from mta.control import process_stats, start_control
@@ -39,7 +39,7 @@ from mta.policy.sts_fetch import StsFetcher
 from mta.policy.verify import TrustStore, load_trust_store
 from mta.queuetools import control_commands as queue_commands
 from mta.receive.auth import PasswordFile
-from mta.receive.server import Sessions, start_listeners
+from mta.receive.server import Sessions, bind_listeners, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
 from mta.report.tlsrpt_send import RecentAttempts, TlsReporter, build_reporter
 from mta.schedule.scheduler import Scheduler
@@ -261,13 +261,25 @@ def _tls_contexts(
 async def start(config: Config) -> Relay:
     """Build and start everything; return once the listeners accept connections.
 
-    The spool is locked first (``SpoolDirectory.lock``): one relay per spool.
+    Started as root with ``server.user``, the listeners are bound first and the relay
+    becomes that user before anything else (``mta.privileges``). The spool is locked
+    first after that (``SpoolDirectory.lock``): one relay per spool.
     """
+    bound: list[socket.socket] | None = None
+    account = privileges.account_for(config, os.geteuid())
+    if account is not None:
+        bound = bind_listeners(config)
+        try:
+            privileges.become(config, account)
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
     spool = SpoolDirectory(config.spool.path)
     spool.ensure_dirs()
     spool_lock = spool.lock()
     try:
-        relay = await _start(config)
+        relay = await _start(config, bound)
     except BaseException:
         os.close(spool_lock)
         raise
@@ -309,7 +321,7 @@ def fit_descriptors(config: Config) -> Config:
     )
 
 
-async def _start(config: Config) -> Relay:
+async def _start(config: Config, bound: list[socket.socket] | None = None) -> Relay:
     config = fit_descriptors(config)
     hostname = hostname_of(config)
     keys = open_keyring(config, SpoolDirectory(config.spool.path))
@@ -377,7 +389,7 @@ async def _start(config: Config) -> Relay:
     authenticator = passwords.authenticator if passwords else None
     sessions = Sessions(config.limits)
     servers = await start_listeners(
-        config, accept, tls_for, authenticator, hostname, sessions, events
+        config, accept, tls_for, authenticator, hostname, sessions, events, bound
     )
 
     async def rewrap() -> str:
@@ -446,7 +458,11 @@ async def serve(config: Config) -> None:
 
 
 def run(config: Config) -> None:
-    """Entry point for ``mta run``: uvloop where available."""
+    """Entry point for ``mta run``: uvloop where available; never as root unless the
+    policy says whom to become (``server.user``) or ``server.allow_root``."""
+    refusal = privileges.root_refusal(config, os.geteuid())
+    if refusal is not None:
+        raise refusal
     try:
         import uvloop
     except ImportError:

@@ -1,4 +1,5 @@
-"""The ``mta`` command: run | queue | stats | keys | passwd | check | tlsrpt | policy.
+"""The ``mta`` command: run | queue | stats | keys | passwd | check | policy-server |
+tlsrpt | policy.
 
 Exit status: 0 ok, 1 operational failure (e.g. a refused key file), 2 bad policy or
 usage. Errors are one line on stderr naming the file, the key and the problem.
@@ -247,6 +248,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_policy_server(args: argparse.Namespace) -> int:
+    from mta.postfix import server  # imported here: it pulls in the network stack
+
+    cfg = _load(args)
+    setup_logging(cfg.log.level, cfg.log.format)
+    asyncio.run(server.serve(cfg))
+    return EXIT_OK
+
+
 def cmd_policy_validate(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for name in args.files:
@@ -332,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--connect", action="store_true", help="connect, STARTTLS and verify each MX")
     chk.add_argument("--json", action="store_true", help="one JSON object")
     chk.set_defaults(func=cmd_check)
+
+    psrv = with_config(
+        sub.add_parser("policy-server", help="serve our TLS policy to Postfix (socketmap)")
+    )
+    psrv.set_defaults(func=cmd_policy_server)
 
     from mta.report.tlsrpt_cli import date_arg
 

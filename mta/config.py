@@ -154,6 +154,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: whom the relay runs as (``mta.privileges``)."""
+
+    user: str = ""  # started as root: bind the listeners, then become this user
+    allow_root: bool = False  # run on as root without ``user`` (refused otherwise)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
@@ -180,6 +188,7 @@ class Config:
     postmaster: str = ""  # RCPT TO:<postmaster> goes here; "" = postmaster@<hostname>
     sender_logins: tuple[SenderLogin, ...] = ()  # what each AUTH user may send as
     tlsrpt: TlsRptConfig = TlsRptConfig()
+    server: ServerConfig = ServerConfig()
 
     @property
     def control_socket(self) -> Path:
@@ -198,6 +207,7 @@ _UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 6048
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")  # as useradd takes them
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
@@ -602,6 +612,8 @@ def validate(
     log = LogConfig(level=level, format=fmt)  # type: ignore[arg-type]
     log_t.done()
 
+    server = _server(top.table("server"))
+
     domains = [_domain_policy(t, home) for t in top.tables("domain")]
     for name, doc in included:
         inc = _Table(name, "", doc)
@@ -633,7 +645,18 @@ def validate(
         postmaster=postmaster,
         sender_logins=sender_logins,
         tlsrpt=tlsrpt,
+        server=server,
     )
+
+
+def _server(table: _Table) -> ServerConfig:
+    """``[server]``: a user name as ``getpwnam`` takes it (looked up when the relay starts)."""
+    user = table.get("user", str, "")
+    if user and not _USER.fullmatch(user):
+        raise table.error("user", f"expected a user name like mta, got {user!r}")
+    config = ServerConfig(user=user, allow_root=table.get("allow_root", bool, False))
+    table.done()
+    return config
 
 
 def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:

@@ -76,6 +76,7 @@ import functools
 import logging
 import os
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, cast
@@ -816,6 +817,47 @@ def _protocol_factory(
     return build
 
 
+def bind_listener(config: Config, index: int) -> socket.socket:
+    """A socket bound to ``config.listeners[index]``'s address, not yet listening: the
+    kernel accepts no connection on it until ``start_listeners`` listens. Bound before
+    the relay gives up root (``mta.privileges``); ``ConfigError`` names the listener."""
+    listener = config.listeners[index]
+    family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio does: [::] is not 0.0.0.0 too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.address, listener.port))
+    except OSError as err:
+        sock.close()
+        raise _cannot_listen(config, index, err) from None
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    """``bind_listener`` for every listener; on a failure the ones bound are closed."""
+    bound: list[socket.socket] = []
+    try:
+        for index in range(len(config.listeners)):
+            bound.append(bind_listener(config, index))
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _cannot_listen(config: Config, index: int, err: OSError) -> ConfigError:
+    listener = config.listeners[index]
+    where = f"{listener.address}:{listener.port}"
+    # uvloop words it "error while attempting to bind on address ...": the errno's own
+    # text is the one line an operator needs.
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    return ConfigError(config.source, f"listener[{index}]", f"cannot listen on {where}: {reason}")
+
+
 async def start_listeners(
     config: Config,
     accept: Accept,
@@ -824,6 +866,7 @@ async def start_listeners(
     hostname: str,
     sessions: Sessions | None = None,
     events: EventSink | None = None,
+    bound: Sequence[socket.socket] | None = None,
 ) -> list[asyncio.Server]:
     """Start one server per configured listener; return them once all accept connections.
 
@@ -836,6 +879,8 @@ async def start_listeners(
         sessions: where the sessions are kept; the caller's, to ``shut_down`` them when
             the relay stops (default: a new one, from ``config.limits``).
         events: told of every accepted message.
+        bound: the listeners' sockets, bound already (``bind_listeners``), one per
+            listener in order; None: each is bound here.
 
     A listener that cannot bind raises ``ConfigError`` naming it; any already started
     are closed first.
@@ -856,25 +901,19 @@ async def start_listeners(
             factory = _protocol_factory(
                 config, listener, handler, context, authenticator, hostname, sessions, auth_failures
             )
+            sock = bound[index] if bound is not None else bind_listener(config, index)
             try:
                 server = await loop.create_server(
                     factory,
-                    host=listener.address,
-                    port=listener.port,
+                    sock=sock,
                     ssl=context if listener.mode == "smtps" else None,
                     ssl_handshake_timeout=(
                         TLS_HANDSHAKE_TIMEOUT if listener.mode == "smtps" else None
                     ),
-                    reuse_address=True,
                 )
             except OSError as err:
-                where = f"{listener.address}:{listener.port}"
-                # uvloop words it "error while attempting to bind on address ...": the
-                # errno's own text is the one line an operator needs.
-                reason = os.strerror(err.errno) if err.errno else str(err)
-                raise ConfigError(
-                    config.source, f"listener[{index}]", f"cannot listen on {where}: {reason}"
-                ) from None
+                sock.close()
+                raise _cannot_listen(config, index, err) from None
             servers.append(server)
             port = server.sockets[0].getsockname()[1] if server.sockets else listener.port
             log.info(
@@ -889,5 +928,7 @@ async def start_listeners(
     except BaseException:
         for server in servers:
             server.close()
+        for sock in bound or ():
+            sock.close()
         raise
     return servers

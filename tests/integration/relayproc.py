@@ -94,8 +94,11 @@ class RelayProcess:
         port: int | None = None,
         listener: str = "",
         nofile: int | None = None,
+        server: str = "allow_root = true",
     ) -> None:
         self.listener = listener  # extra keys for our [[listener]] table
+        # The [server] table: tests run as root, which `mta run` refuses unless told.
+        self.server = server
         self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) of the process, like ulimit -n
         self.home = tmp_path / "var"
         self.port = port or free_port()
@@ -105,9 +108,9 @@ class RelayProcess:
         self.write_policy(policy)
 
     def write_policy(self, policy: str) -> None:
-        """Write the policy with our listener first; ``policy`` adds the rest."""
+        """Write the policy with our listener and [server] first; ``policy`` adds the rest."""
         listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {self.port}\n{self.listener}\n'
-        self.policy_file.write_text(listener + policy)
+        self.policy_file.write_text(f"[server]\n{self.server}\n\n{listener}{policy}")
 
     @property
     def log(self) -> str:
