@@ -111,6 +111,20 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyServerConfig:
+    """``[policy_server]``: ``mta policy-server``, our policy for Postfix's
+    ``smtp_tls_policy_maps`` over socketmap (``mta.postfix.server``)."""
+
+    host: str = "127.0.0.1"  # ``listen``, an IP address and port
+    port: int = 8461
+    map_name: str = "mta"  # the name in socketmap:inet:HOST:PORT:NAME
+    tlsrpt: bool = False  # Postfix >= 3.10: add the TLSRPT attributes to MTA-STS answers
+    lookup_timeout: float = 30.0  # to decide one domain, then TEMP
+    idle_timeout: float = 300.0  # a client connection silent this long is closed
+    max_connections: int = 100  # client connections at once; more are closed
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundConfig:
     port: int = 25
     default_level: TlsLevel = TlsLevel.ENCRYPT
@@ -184,6 +198,7 @@ class Config:
     log: LogConfig
     dane: DaneConfig
     mta_sts: MtaStsConfig
+    policy_server: PolicyServerConfig = PolicyServerConfig()
     domains: tuple[DomainPolicy, ...] = ()
     postmaster: str = ""  # RCPT TO:<postmaster> goes here; "" = postmaster@<hostname>
     sender_logins: tuple[SenderLogin, ...] = ()  # what each AUTH user may send as
@@ -547,6 +562,7 @@ def validate(
     tls_t.done()
 
     tlsrpt = _tlsrpt(top.table("tlsrpt"), home)
+    policy_server = _policy_server(top.table("policy_server"))
 
     out_t = top.table("outbound")
     outbound = OutboundConfig(
@@ -641,6 +657,7 @@ def validate(
         log=log,
         dane=dane,
         mta_sts=mta_sts,
+        policy_server=policy_server,
         domains=tuple(domains),
         postmaster=postmaster,
         sender_logins=sender_logins,
@@ -679,6 +696,33 @@ def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:
         dkim_domain=domain,
         dkim_selector=selector,
         dkim_key=key,
+    )
+    table.done()
+    return config
+
+
+def _policy_server(table: _Table) -> PolicyServerConfig:
+    """``[policy_server]``: ``listen`` is an IP address with a port, as Postfix's
+    ``socketmap:inet:`` names it; the map name is one word (it ends the socketmap name)."""
+
+    def listen(text: str) -> tuple[str, int]:
+        hop = parse_nexthop(text)
+        if not is_ip(hop.host):
+            raise ValueError(f"expected IP:PORT (e.g. 127.0.0.1:8461), got {text!r}")
+        return hop.host, hop.port or 8461
+
+    host, port = table.convert("listen", str, ("127.0.0.1", 8461), listen)
+    name = table.get("map_name", str, "mta")
+    if not _BARE_KEY.fullmatch(name):
+        raise table.error("map_name", f"expected letters, digits, - or _, got {name!r}")
+    config = PolicyServerConfig(
+        host=host,
+        port=port,
+        map_name=name,
+        tlsrpt=table.get("tlsrpt", bool, False),
+        lookup_timeout=_duration(table, "lookup_timeout", 30.0),
+        idle_timeout=_duration(table, "idle_timeout", 300.0),
+        max_connections=_positive(table, "max_connections", int, 100),
     )
     table.done()
     return config
