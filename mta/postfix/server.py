@@ -16,6 +16,7 @@ Every limit is bounded: request size (``socketmap.MAX_REQUEST``), connections
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from typing import Final, Protocol
@@ -93,7 +94,7 @@ class PolicyService:
         """One client connection: requests in order, until EOF, a protocol error or silence."""
         if self._clients >= self._settings.max_connections:
             log.warning("policy_server.client.refused", extra={"clients": self._clients})
-            writer.close()
+            await _close(writer)
             return
         self._clients += 1
         netstrings = NetstringReader()
@@ -122,7 +123,7 @@ class PolicyService:
             pass
         finally:
             self._clients -= 1
-            writer.close()
+            await _close(writer)
 
     async def start(self) -> asyncio.Server:
         """Listen on ``[policy_server] listen``."""
@@ -134,6 +135,12 @@ class PolicyService:
             extra={"address": self._settings.host, "port": self._settings.port},
         )
         return server
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
 
 
 async def serve(config: Config) -> None:
