@@ -30,9 +30,11 @@ from pathlib import Path
 
 import proctree
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the private Postfix instance
+from tests.integration import postfix
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-POSTFIX = "/usr/sbin/postfix"
 POSTFIX_PROBLEMS = ("warning:", "fatal:", "panic:", "status=deferred", "status=bounced")
 MTA_PROBLEMS = ("ERROR", "CRITICAL", "Traceback", "defer", "bounce")
 
@@ -123,54 +125,21 @@ def mta_relay(
         stop_process(proc)
 
 
-# --- Postfix -------------------------------------------------------------------------
-
-MASTER_CF = """\
-# service type private unpriv chroot wakeup maxproc command
-{listen} inet n - n - - smtpd
-pickup    unix  n - n 60    1 pickup
-cleanup   unix  n - n -     0 cleanup
-qmgr      unix  n - n 300   1 qmgr
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-rewrite   unix  - - n -     - trivial-rewrite
-bounce    unix  - - n -     0 bounce
-defer     unix  - - n -     0 bounce
-trace     unix  - - n -     0 bounce
-verify    unix  - - n -     1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n -     - proxymap
-smtp      unix  - - n -     - smtp
-relay     unix  - - n -     - smtp
-showq     unix  n - n -     - showq
-error     unix  - - n -     - error
-retry     unix  - - n -     - error
-discard   unix  - - n -     - discard
-anvil     unix  - - n -     1 anvil
-scache    unix  - - n -     1 scache
-tlsproxy  unix  - - n -     0 tlsproxy
-postlog   unix-dgram n - n - 1 postlogd
-"""
+# --- Postfix (the private instance: tests/integration/postfix.py) ------------------
 
 
 def postfix_main_cf(
     base: Path, sink: tuple[str, int], concurrency: int, cert: Path, key: Path
 ) -> str:
     """main.cf of the private instance; every non-default line is the relay's contract."""
-    return f"""\
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-myhostname = relay.bench.test
-inet_interfaces = loopback-only
-inet_protocols = ipv4
+    return (
+        postfix.instance_main_cf(base, "relay.bench.test")
+        + f"""\
 mydestination =
 relay_domains =
 local_recipient_maps =
 alias_maps =
 alias_database =
-biff = no
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 relayhost = [{sink[0]}]:{sink[1]}
@@ -201,82 +170,10 @@ smtp_tls_connection_reuse = yes
 # Durability is Postfix's normal one: cleanup fsyncs the queue file before smtpd
 # answers 250. Nothing here weakens it.
 """
-
-
-@dataclass(frozen=True)
-class PostfixDirs:
-    """The private instance's directories; the queue is outside the config directory
-    so that ``postfix check`` does not walk it and warn about its owners."""
-
-    base: Path
-
-    @property
-    def config(self) -> Path:
-        return self.base / "conf"
-
-    @property
-    def queue(self) -> Path:
-        return self.base / "queue"
-
-    @property
-    def data(self) -> Path:
-        return self.base / "data"
-
-    @property
-    def maillog(self) -> Path:
-        return self.base / "maillog"
-
-
-def write_postfix_config(
-    dirs: PostfixDirs,
-    port: int,
-    sink: tuple[str, int],
-    concurrency: int,
-    cert: Path,
-    key: Path,
-) -> None:
-    """Lay out the instance: the postfix user must reach data/ and the maillog."""
-    for directory in (dirs.base, dirs.config, dirs.queue, dirs.data):
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)
-    os.chown(dirs.data, *postfix_ids())
-    (dirs.config / "main.cf").write_text(postfix_main_cf(dirs.base, sink, concurrency, cert, key))
-    (dirs.config / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{port}"))
-
-
-def postfix_ids() -> tuple[int, int]:
-    import pwd
-
-    entry = pwd.getpwnam("postfix")
-    return entry.pw_uid, entry.pw_gid
-
-
-def postctl(dirs: PostfixDirs, action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [POSTFIX, "-c", str(dirs.config), action],
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
     )
 
 
-def master_pid(dirs: PostfixDirs) -> int | None:
-    try:
-        return int((dirs.queue / "pid" / "master.pid").read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
-
-
-def check_postfix_usable() -> None:
-    """Fail early, with the reason, where a private Postfix instance cannot run."""
-    if not Path(POSTFIX).exists():
-        raise RuntimeError(f"{POSTFIX} not found: install Debian's postfix package")
-    if os.geteuid() != 0:
-        raise RuntimeError(
-            "the Postfix comparison needs root: `postfix -c DIR` as non-root requires DIR "
-            "in alternate_config_directories of /etc/postfix/main.cf (use --systems mta)"
-        )
+check_postfix_usable = postfix.check_postfix_usable
 
 
 @contextlib.contextmanager
@@ -284,49 +181,16 @@ def postfix_relay(
     work: Path, sink: tuple[str, int], concurrency: int, cert: Path, key: Path
 ) -> Iterator[RunningRelay]:
     """A private Postfix instance in ``work``: started, yielded, always stopped."""
-    dirs = PostfixDirs(work)
+    dirs = postfix.PostfixDirs(work)
     port = free_port("127.0.0.1")
-    write_postfix_config(dirs, port, sink, concurrency, cert, key)
-    try:
-        started = postctl(dirs, "start")
-        if started.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {started.stderr.strip()}")
-        pid = wait_master_pid(dirs)
+    postfix.write_config(
+        dirs,
+        postfix_main_cf(dirs.base, sink, concurrency, cert, key),
+        postfix.master_cf(f"127.0.0.1:{port} inet n - n - - smtpd\n"),
+    )
+    with postfix.running(dirs) as pid:
         wait_listening("127.0.0.1", port, pid)
         yield RunningRelay("postfix", "127.0.0.1", port, pid, dirs.maillog)
-    finally:
-        stop_postfix(dirs)
-
-
-def wait_master_pid(dirs: PostfixDirs) -> int:
-    deadline = time.monotonic() + START_TIMEOUT
-    while (pid := master_pid(dirs)) is None or not proctree.alive(pid):
-        if time.monotonic() > deadline:
-            raise RuntimeError("postfix master did not write its pid file")
-        time.sleep(0.05)
-    return pid
-
-
-def stop_postfix(dirs: PostfixDirs) -> None:
-    """``postfix stop``; whatever of the instance's tree survives it is killed.
-
-    Processes are remembered with their start times, so that a process id reused by
-    another program meanwhile is never signalled.
-    """
-    pid = master_pid(dirs)
-    tree = proctree.tree(pid) if pid is not None and proctree.alive(pid) else []
-    members = {p: proctree.start_time(p) for p in tree}
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        postctl(dirs, "stop")
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline and any(
-        proctree.start_time(p) == start for p, start in members.items()
-    ):
-        time.sleep(0.1)
-    for leftover, start in members.items():
-        if proctree.start_time(leftover) == start:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(leftover, signal.SIGKILL)
 
 
 def log_problems(relay: RunningRelay, limit: int = 5) -> tuple[int, list[str]]:
