@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 ## Run the relay on the embedded default policy (127.0.0.1:2525, data in ./var).
 run: $(STAMP)
-	$(VENV)/bin/mta run
+	$(VENV)/bin/mta run $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 ## Lint, type-check and run every test (installs swaks/openssl first when root).
 test: $(STAMP)

@@ -43,6 +43,8 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.allow_root:  # the command line's word for [server] allow_root = true
+        cfg = replace(cfg, server=replace(cfg.server, allow_root=True))
     setup_logging(cfg.log.level, cfg.log.format)
     from mta import app  # imported here: it pulls in the event loop and every I/O module
 
@@ -289,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(sub.add_parser("run", help="run the relay"))
+    run.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="run on as root without [server] user (a trial on loopback; never in production)",
+    )
     run.set_defaults(func=cmd_run)
 
     queue = sub.add_parser(

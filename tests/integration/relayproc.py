@@ -95,7 +95,9 @@ class RelayProcess:
         listener: str = "",
         nofile: int | None = None,
         server: str = "allow_root = true",
+        run_args: tuple[str, ...] = (),
     ) -> None:
+        self.run_args = run_args  # more arguments for ``mta run``
         self.listener = listener  # extra keys for our [[listener]] table
         # The [server] table: tests run as root, which `mta run` refuses unless told.
         self.server = server
@@ -120,7 +122,15 @@ class RelayProcess:
         mark = len(self.log)
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mta", "run", "--config", str(self.policy_file)],
+                [
+                    sys.executable,
+                    "-m",
+                    "mta",
+                    "run",
+                    "--config",
+                    str(self.policy_file),
+                    *self.run_args,
+                ],
                 env={**os.environ, "MTA_HOME": str(self.home)},
                 stdout=log,
                 stderr=subprocess.STDOUT,

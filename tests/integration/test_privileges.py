@@ -114,6 +114,18 @@ def test_a_root_spool_is_handed_over_at_the_next_start(base: Path, tls_ca: trust
             relay.stop()
 
 
+def test_allow_root_on_the_command_line_runs_as_root(tmp_path: Path) -> None:
+    """``make run`` as root: ``mta run --allow-root`` is ``[server] allow_root = true``."""
+    relay = RelayProcess(tmp_path, policy("[127.0.0.2]:25"), server="", run_args=("--allow-root",))
+    try:
+        relay.start()
+        assert relay.proc is not None
+        assert status(relay.proc.pid)["Uid"] == ["0", "0", "0", "0"]
+        assert relay.terminate() == 0
+    finally:
+        relay.stop()
+
+
 def test_root_without_user_is_refused_with_one_line(tmp_path: Path) -> None:
     relay = RelayProcess(tmp_path, policy("[127.0.0.2]:25"), server="")
     result = run_mta("run", "--config", str(relay.policy_file), home=relay.home)
