@@ -41,6 +41,7 @@ from mta.queuetools import control_commands as queue_commands
 from mta.receive.auth import PasswordFile
 from mta.receive.server import Sessions, bind_listeners, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
+from mta.report.receipt_log import ReceiptLog, receipts_dir
 from mta.report.tlsrpt_send import RecentAttempts, TlsReporter, build_reporter
 from mta.schedule.scheduler import Scheduler
 from mta.spool import keycheck
@@ -346,6 +347,15 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
     # What happened, for the views of it (receipts, TLS-RPT, metrics, the report): the
     # sinks are added below, as each view is built.
     events = Events()
+    # Every event kept, sealed and chained (mta receipts show|verify, TLS-RPT, the report).
+    receipts = await asyncio.to_thread(
+        ReceiptLog.open,
+        receipts_dir(config),
+        keyring,
+        max_age=config.receipts.max_age,
+        clock=clock,
+    )
+    events.add(receipts)
     destinations = build_destinations(config, clock)
     agent = DeliveryAgent(config, destinations.resolver)
     scheduler = Scheduler(
@@ -365,7 +375,10 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             envelope, content, lambda qid: scheduler.enqueue(qid, envelope, content)
         )
 
-    tasks = [asyncio.create_task(scheduler.run(), name="scheduler")]
+    tasks = [
+        asyncio.create_task(scheduler.run(), name="scheduler"),
+        asyncio.create_task(receipts.run(), name="receipts"),  # flushes last when cancelled
+    ]
     if destinations.sts is not None:
         refresher = destinations.sts.run_refresher(config.mta_sts.refresh_interval)
         tasks.append(asyncio.create_task(refresher, name="mta-sts-refresher"))
@@ -413,6 +426,7 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             "rewrap": rewrap,
             "ping": lambda: "ok",
             "stats": stats,
+            "receipts-flush": lambda: _flushed(receipts),
         },
         {
             "tlsrpt-show": reporter.show_command if reporter else _tlsrpt_off,
@@ -432,6 +446,10 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
     return Relay(
         store, scheduler, events, servers, control, destinations, agent, tasks, sessions=sessions
     )
+
+
+async def _flushed(receipts: ReceiptLog) -> str:
+    return f"ok {await receipts.flush()}"
 
 
 def _tlsrpt_off(_argument: str) -> str:

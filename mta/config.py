@@ -111,6 +111,17 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptsConfig:
+    """``[receipts]``: the sealed, chained log of every event (``mta.report.receipt_log``),
+    which TLS-RPT and the transparency report are computed from."""
+
+    max_age: float = 30 * 86400.0  # day files older than this are removed (>= 2 days)
+
+
+MIN_RECEIPTS_AGE: Final = 2 * 86400.0  # TLS-RPT reports yesterday's sessions
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyServerConfig:
     """``[policy_server]``: ``mta policy-server``, our policy for Postfix's
     ``smtp_tls_policy_maps`` over socketmap (``mta.postfix.server``)."""
@@ -204,6 +215,7 @@ class Config:
     sender_logins: tuple[SenderLogin, ...] = ()  # what each AUTH user may send as
     tlsrpt: TlsRptConfig = TlsRptConfig()
     server: ServerConfig = ServerConfig()
+    receipts: ReceiptsConfig = ReceiptsConfig()
 
     @property
     def control_socket(self) -> Path:
@@ -562,6 +574,7 @@ def validate(
     tls_t.done()
 
     tlsrpt = _tlsrpt(top.table("tlsrpt"), home)
+    receipts = _receipts(top.table("receipts"))
     policy_server = _policy_server(top.table("policy_server"))
 
     out_t = top.table("outbound")
@@ -663,6 +676,7 @@ def validate(
         sender_logins=sender_logins,
         tlsrpt=tlsrpt,
         server=server,
+        receipts=receipts,
     )
 
 
@@ -674,6 +688,15 @@ def _server(table: _Table) -> ServerConfig:
     config = ServerConfig(user=user, allow_root=table.get("allow_root", bool, False))
     table.done()
     return config
+
+
+def _receipts(table: _Table) -> ReceiptsConfig:
+    """``[receipts]``: ``max_age`` at least two days (TLS-RPT reads yesterday's)."""
+    max_age = _duration(table, "max_age", 30 * 86400.0)
+    if max_age < MIN_RECEIPTS_AGE:
+        raise table.error("max_age", "must be at least 2d (TLS reports cover yesterday)")
+    table.done()
+    return ReceiptsConfig(max_age=max_age)
 
 
 def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:

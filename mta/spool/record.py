@@ -6,7 +6,8 @@ as in age's payload and Tink's streaming AEAD), so that a reader can hand on eac
 chunk as soon as it is authenticated, and a truncated, reordered or spliced record
 fails instead of yielding a shorter message. All integers are big-endian::
 
-    header = "MTA1" | version u8 (1) | kind u8 (1 message, 2 state, 3 key check)
+    header = "MTA1" | version u8 (1) | kind u8 (1 message, 2 state, 3 key check,
+             4 transport receipt)
              | u8 length | key id (ascii) | u8 length | qid (ascii)
              | nonce prefix (7) | wrap nonce (12) | wrapped data key (48)
     body   = chunk+, each AES-256-GCM(data key, nonce, plaintext, aad = header)
@@ -58,12 +59,14 @@ _CHUNK_NONCE: Final = struct.Struct(">IB")
 
 
 class RecordKind(enum.IntEnum):
-    """What a record holds: a queued message, the delivery state of one, or a known
-    plaintext that tells whether a key is the one the spool was sealed under."""
+    """What a record holds: a queued message, the delivery state of one, a known
+    plaintext that tells whether a key is the one the spool was sealed under, or one
+    entry of the transport receipt log (``mta.report.receipts``)."""
 
     MESSAGE = 1
     STATE = 2
     KEY_CHECK = 3
+    RECEIPT = 4
 
 
 class RecordError(SpoolCorrupt):
