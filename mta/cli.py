@@ -1,5 +1,5 @@
 """The ``mta`` command: run | queue | stats | keys | passwd | check | policy-server |
-tlsrpt | policy.
+tlsrpt | receipts | policy.
 
 Exit status: 0 ok, 1 operational failure (e.g. a refused key file), 2 bad policy or
 usage. Errors are one line on stderr naming the file, the key and the problem.
@@ -25,6 +25,7 @@ from mta.log import setup as setup_logging
 from mta.queueops import Action, SelectionError, make_selection
 from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
 from mta.receive.auth import add_user
+from mta.report import receipt_log
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
@@ -187,8 +188,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if wants_rewrap and not _rewrap(cfg):
         return EXIT_FAILURE
     references = key_usage(cfg)
+    # Receipts are never re-sealed (their MACs chain the sealed bytes): a key stays
+    # until the last receipt file sealed under it has expired.
+    receipts = receipt_log.key_references(receipt_log.receipts_dir(cfg))
     if args.action == "prune":
-        dropped = keyring.prune(set(references))
+        dropped = keyring.prune(set(references) | set(receipts))
         for key_id in dropped:
             keycheck.remove_check(spool, key_id)
         print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
@@ -196,7 +200,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
     for key_id in keyring.ids():
         state = "active" if key_id == keyring.active_id else "old"
-        print(f"{key_id}  {state:<6}  {references.get(key_id, 0)} spool record(s)")
+        print(
+            f"{key_id}  {state:<6}  {references.get(key_id, 0)} spool record(s), "
+            f"{receipts.get(key_id, 0)} receipt(s)"
+        )
     return EXIT_OK
 
 
@@ -279,6 +286,15 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
     if args.action == "send":
         return tlsrpt_cli.send(cfg, args.date or "")
     return tlsrpt_cli.show(cfg, args.date or "", args.json)
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    from mta.report import receipts_cli
+
+    cfg = _load(args)
+    if args.action == "verify":
+        return receipts_cli.check(cfg)
+    return receipts_cli.show(cfg, args.qid, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
             "--date", type=date_arg, metavar="YYYY-MM-DD", help="the UTC day (default: today)"
         )
         rpt.set_defaults(func=cmd_tlsrpt)
+
+    receipts = sub.add_parser("receipts", help="transport receipts: one message's story, the chain")
+    receipts_actions = receipts.add_subparsers(dest="action", required=True)
+    rcpt_show = with_config(
+        receipts_actions.add_parser("show", help="every event of one message, attempt by attempt")
+    )
+    rcpt_show.add_argument("qid")
+    rcpt_show.add_argument("--json", action="store_true", help="one JSON document")
+    rcpt_verify = with_config(
+        receipts_actions.add_parser("verify", help="check the chain: exit 1 at the first bad entry")
+    )
+    for rcpt in (rcpt_show, rcpt_verify):
+        rcpt.set_defaults(func=cmd_receipts)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="action", required=True
