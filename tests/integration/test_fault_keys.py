@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -325,6 +326,9 @@ def test_rewrap_reseals_under_the_active_key_so_old_keys_can_be_pruned(
     spool = relay.home / "spool"
     key_file = relay.home / "keys" / "spool.key"
     old = active_key(key_file)
+    # The receipts of the two messages written out (the relay flushes when asked, and
+    # when it stops): sealed under the old key, which they keep until they expire.
+    assert relay.mta("receipts", "verify").returncode == 0
     if not running:
         assert relay.terminate() == 0
     assert relay.mta("keys", "rotate").returncode == 0
@@ -349,6 +353,13 @@ def test_rewrap_reseals_under_the_active_key_so_old_keys_can_be_pruned(
     assert {name: (spool / name).stat().st_mtime_ns for name in after} == times
     assert list((spool / "tmp").iterdir()) == []
 
+    # No spool record needs the old key now; the receipts still do (rewrap leaves them
+    # alone: their MACs chain the sealed bytes), so prune keeps it until they expire.
+    pruned = relay.mta("keys", "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "dropped 0 unreferenced key(s): -" in pruned.stdout
+    assert re.search(rf"{old}  old     0 spool record\(s\), [1-9]\d* receipt\(s\)", pruned.stdout)
+    shutil.rmtree(spool / "receipts")  # as if they had expired
     pruned = relay.mta("keys", "prune")
     assert pruned.returncode == 0, pruned.stderr
     assert f"dropped 1 unreferenced key(s): {old}" in pruned.stdout
