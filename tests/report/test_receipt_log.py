@@ -236,3 +236,28 @@ def test_a_failed_write_leaves_no_torn_entry_and_keeps_the_events(
     assert asyncio.run(log.flush()) == 1
     verdict = verify(directory, keyring, now=T0, max_age=30 * DAY)
     assert (verdict.bad, verdict.entries) == (None, 3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "max_age", "problem"),
+    [
+        ({}, 30 * DAY, None),
+        ({"max_age": "7d"}, 7 * DAY, None),
+        ({"max_age": "1d"}, None, "receipts.max_age: must be at least 2d"),
+        ({"max_age": "soon"}, None, "receipts.max_age"),
+        ({"enabled": False}, None, "receipts.enabled"),
+    ],
+)
+def test_the_receipts_table(
+    raw: dict[str, object], max_age: float | None, problem: str | None
+) -> None:
+    from mta import config
+    from mta.errors import ConfigError
+
+    if problem is None:
+        parsed = config.validate({"receipts": raw}, "t.toml", Path("/var/lib/mta"))
+        assert parsed.receipts.max_age == max_age
+        return
+    with pytest.raises(ConfigError) as caught:
+        config.validate({"receipts": raw}, "t.toml", Path("/var/lib/mta"))
+    assert problem in str(caught.value)
