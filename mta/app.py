@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -18,7 +19,7 @@ import resource
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -41,8 +42,8 @@ from mta.queuetools import control_commands as queue_commands
 from mta.receive.auth import PasswordFile
 from mta.receive.server import Sessions, bind_listeners, start_listeners
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
-from mta.report.receipt_log import ReceiptLog, receipts_dir
-from mta.report.tlsrpt_send import RecentAttempts, TlsReporter, build_reporter
+from mta.report.receipt_log import ReceiptLog, read_events, receipts_dir
+from mta.report.tlsrpt_send import TlsReporter, build_reporter
 from mta.schedule.scheduler import Scheduler
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
@@ -386,8 +387,6 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
         tasks.append(asyncio.create_task(destinations.dnssec.run(), name="dnssec-probe"))
     reporter: TlsReporter | None = None
     if config.tlsrpt.enabled and destinations.dns is not None:  # TLS reports (RFC 8460)
-        recent = RecentAttempts()  # the source until the receipt log's reader is wired
-        events.add(recent)
         reporter = build_reporter(
             config,
             hostname=hostname,
@@ -395,7 +394,7 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             keyring=keyring,
             ssl_context=_sts_context(config),
             mail=accept,
-            source=recent.between,
+            source=functools.partial(read_events, receipts_dir(config), keyring),
             clock=clock,
         )
         tasks.append(asyncio.create_task(reporter.run(), name="tlsrpt"))
@@ -429,8 +428,13 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             "receipts-flush": lambda: _flushed(receipts),
         },
         {
-            "tlsrpt-show": reporter.show_command if reporter else _tlsrpt_off,
-            "tlsrpt-send": reporter.send_command if reporter else _tlsrpt_off,
+            # The reports are read from the receipt log: what it buffers is written first.
+            "tlsrpt-show": _after_flush(receipts, reporter.show_command)
+            if reporter
+            else _tlsrpt_off,
+            "tlsrpt-send": _after_flush(receipts, reporter.send_command)
+            if reporter
+            else _tlsrpt_off,
             **queue_commands(scheduler, clock),
         },
     )
@@ -446,6 +450,18 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
     return Relay(
         store, scheduler, events, servers, control, destinations, agent, tasks, sessions=sessions
     )
+
+
+def _after_flush(
+    receipts: ReceiptLog, command: Callable[[str], Awaitable[str]]
+) -> Callable[[str], Awaitable[str]]:
+    """``command``, run once the receipt log has written out what it buffered."""
+
+    async def run(argument: str) -> str:
+        await receipts.flush()
+        return await command(argument)
+
+    return run
 
 
 async def _flushed(receipts: ReceiptLog) -> str:

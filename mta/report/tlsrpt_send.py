@@ -29,8 +29,7 @@ import logging
 import os
 import random
 import ssl
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import make_msgid
@@ -44,7 +43,7 @@ from mta.clock import Clock
 from mta.config import Config
 from mta.durable import DIR_MODE, read_file, replace_durably
 from mta.errors import ConfigError
-from mta.events import DeliveryAttempt, Event, EventSource
+from mta.events import DeliveryAttempt, EventSource
 from mta.model import Envelope, QueueId
 from mta.policy.dns import AddressesFound, DnsClient, TxtAnswer, TxtLookup
 from mta.policy.sts_fetch import _InjectedResolver, _OneFetchConnector
@@ -293,30 +292,6 @@ class SendSummary:
         return (
             f"sent={self.sent} failed={self.failed} already={self.already} no_record={self.nowhere}"
         )
-
-
-class RecentAttempts:
-    """An ``EventSink`` and ``EventSource`` in memory: the delivery attempts of the last
-    ``KEEP`` seconds, at most ``MAX_EVENTS``. Interim: the receipt log's reader
-    (``mta.report.receipt_log.read_events``) replaces it as the source once it exists;
-    until then counts do not survive a restart.
-    """
-
-    KEEP: Final = 2 * 86400.0 + MAX_JITTER + RETRY_INTERVAL * MAX_TRIES
-    MAX_EVENTS: Final = 500_000
-
-    def __init__(self) -> None:
-        self._events: deque[DeliveryAttempt] = deque(maxlen=self.MAX_EVENTS)
-
-    def __call__(self, event: Event) -> None:
-        if not isinstance(event, DeliveryAttempt) or event.report or not event.result.sessions:
-            return
-        self._events.append(event)
-        while self._events and self._events[0].at < event.at - self.KEEP:
-            self._events.popleft()
-
-    def between(self, start: float, end: float) -> Iterator[Event]:
-        return iter([event for event in self._events if start <= event.at < end])
 
 
 def tally_day(source: EventSource, day: date) -> DailyTally:

@@ -250,6 +250,16 @@ def test_show_holds_the_counts_and_failure_details_per_policy_domain(world: Worl
     assert "plain.test  [due] -> mailto:tlsrpt@reports.test" in text
 
 
+def test_the_counts_survive_a_restart(world: World) -> None:
+    """The counts are read from the sealed receipt log, not kept in memory."""
+    before = settled(world)
+    assert world.relay.terminate() == 0
+    world.relay.start()
+    assert {name: entry["report"]["policies"] for name, entry in show(world).items()} == {
+        name: entry["report"]["policies"] for name, entry in before.items()
+    }
+
+
 def test_send_delivers_signed_mail_and_an_https_post_once(world: World) -> None:
     settled(world)
     sent = world.relay.mta("tlsrpt", "send")
