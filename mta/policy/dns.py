@@ -33,7 +33,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -161,6 +161,10 @@ class _NoData:
     secure: bool = False
 
 
+def _no_observer(_rdtype: str, _result: str) -> None:
+    """The default observer: nobody is counting."""
+
+
 def resolver_is_trusted(resolvers: Sequence[Resolver], trusted: bool) -> bool:
     """Whether the AD bit of these resolvers may be believed (DESIGN.md, DNSSEC).
 
@@ -183,9 +187,19 @@ class DnsClient:
     Parameters:
         resolvers: nameservers to ask, in order; empty means the system configuration.
         timeout: the most one lookup (all retries and nameservers together) may take.
+        observe: told ``(type, result)`` of every query sent (not of cache hits), for
+            the metrics: ``MX``..., and ``ok``, ``nxdomain``, ``nodata``, ``servfail``,
+            ``timeout`` or ``other``.
     """
 
-    def __init__(self, resolvers: Sequence[Resolver], timeout: float) -> None:
+    def __init__(
+        self,
+        resolvers: Sequence[Resolver],
+        timeout: float,
+        *,
+        observe: Callable[[str, str], None] = _no_observer,
+    ) -> None:
+        self._observe = observe
         if resolvers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [_Nameserver(r.host, r.port) for r in resolvers]
@@ -393,44 +407,53 @@ class DnsClient:
         """One query; dnspython's exceptions become results here and nowhere else.
 
         Returns the result and how long it may be cached (the answer's TTL; a fixed short
-        time for a denial; 0 for failures).
+        time for a denial; 0 for failures). The observer is told how it went.
         """
         kind = dns.rdatatype.to_text(rdtype)
+        found, ttl, outcome = await self._resolve(name, rdtype, kind)
+        self._observe(kind, outcome)
+        return found, ttl
+
+    async def _resolve(
+        self, name: str, rdtype: dns.rdatatype.RdataType, kind: str
+    ) -> tuple[_RRset | _NoData | NoDomain | DnsTempFail, float, str]:
+        """``_ask``'s work: the result, its cache time and the observer's result label."""
         try:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException as err:
-            return NoDomain(f"invalid domain name {name!r}: {err}"), 0
+            return NoDomain(f"invalid domain name {name!r}: {err}"), 0, "other"
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as err:
             responses = _responses(err.kwargs.get("responses"))
             secure = bool(responses) and all(_is_secure(r) for r in responses)
             found = NoDomain(f"{name}: host not found (NXDOMAIN, type={kind})", secure=secure)
-            return found, _NEGATIVE_TTL
+            return found, _NEGATIVE_TTL, "nxdomain"
         except dns.resolver.NoAnswer as err:
             response = err.kwargs.get("response")
             if not isinstance(response, dns.message.Message):
-                return _NoData(False), _NEGATIVE_TTL
+                return _NoData(False), _NEGATIVE_TTL, "nodata"
             if rdtype == dns.rdatatype.TLSA and response.errors:  # every record refused
-                return _rdata_from_wire(name, response)
-            return _NoData(_is_secure(response)), _NEGATIVE_TTL
+                return _labelled(*_rdata_from_wire(name, response))
+            return _NoData(_is_secure(response)), _NEGATIVE_TTL, "nodata"
         except dns.resolver.NoNameservers:
-            return DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})"), 0
+            failed = DnsTempFail(f"{name}: no nameserver answered (SERVFAIL, type={kind})")
+            return failed, 0, "servfail"
         except dns.exception.Timeout:
-            return DnsTempFail(f"{name}: DNS timeout (type={kind})", timed_out=True), 0
+            return DnsTempFail(f"{name}: DNS timeout (type={kind})", timed_out=True), 0, "timeout"
         except dns.exception.DNSException as err:
-            return DnsTempFail(f"{name}: DNS error (type={kind}): {err}"), 0
+            return DnsTempFail(f"{name}: DNS error (type={kind}): {err}"), 0, "other"
         if len(answer.chaining_result.cnames) > MAX_CNAME_CHAIN:
             chain = f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN} (type={kind})"
-            return DnsTempFail(chain), 0
+            return DnsTempFail(chain), 0, "other"
         if rdtype == dns.rdatatype.TLSA and answer.response.errors:  # some records refused
-            return _rdata_from_wire(name, answer.response)
+            return _labelled(*_rdata_from_wire(name, answer.response))
         rrset = _RRset(
             tuple(answer),
             secure=_is_secure(answer.response),
             canonical=normalise_host(answer.canonical_name.to_text()),
         )
-        return rrset, float(answer.rrset.ttl if answer.rrset is not None else 0)
+        return rrset, float(answer.rrset.ttl if answer.rrset is not None else 0), "ok"
 
 
 def _tlsa_facts(base: str, answer: TlsaLookup, *, unverified: bool = False) -> TlsaFacts:
@@ -484,6 +507,16 @@ def answer_rdatas(
             found.append(data)
             ttls.append(ttl)
     return found, min(ttls, default=0)
+
+
+def _labelled(
+    found: _RRset | _NoData | DnsTempFail, ttl: float
+) -> tuple[_RRset | _NoData | DnsTempFail, float, str]:
+    """A TLSA answer read from the wire, with the observer's result label."""
+    label = (
+        "ok" if isinstance(found, _RRset) else "nodata" if isinstance(found, _NoData) else "other"
+    )
+    return found, ttl, label
 
 
 def _rdata_from_wire(

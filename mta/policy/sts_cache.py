@@ -38,7 +38,13 @@ from mta.policy.decide import StsFacts
 from mta.policy.dns import DnsTempFail, NoDomain, TxtAnswer
 from mta.policy.mta_sts import StsError, StsPolicy, parse_policy, parse_txt
 from mta.policy.mx import normalise_host
-from mta.policy.sts_fetch import StsFetched, StsFetchFailed
+from mta.policy.sts_fetch import (
+    FETCH_ERROR,
+    POLICY_INVALID,
+    WEBPKI_INVALID,
+    StsFetched,
+    StsFetchFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +273,18 @@ class _TxtNone:
     detail: str
 
 
+# An RFC 8460 failure of a fetch -> the metrics' result label.
+FETCH_RESULTS: Final = {
+    FETCH_ERROR: "fetch-error",
+    WEBPKI_INVALID: "webpki-invalid",
+    POLICY_INVALID: "invalid",
+}
+
+
+def _no_observer(_result: str) -> None:
+    """The default observer: nobody is counting."""
+
+
 class StsResolver:
     """The MTA-STS facts for a domain, from DNS, HTTPS and the cache (RFC 8461 §3.3, §5.1).
 
@@ -275,6 +293,8 @@ class StsResolver:
         fetcher: HTTPS policy fetches.
         cache: the policy cache; fetched policies are stored in it.
         clock: wall-clock time for fetch and expiry times.
+        observe: told how each HTTPS fetch ended, for the metrics: ``ok``,
+            ``fetch-error``, ``webpki-invalid`` or ``invalid`` (``FETCH_RESULTS``).
     """
 
     def __init__(
@@ -283,7 +303,10 @@ class StsResolver:
         fetcher: PolicyFetcher,
         cache: StsCache,
         clock: Clock,
+        *,
+        observe: Callable[[str], None] = _no_observer,
     ) -> None:
+        self._observe = observe
         self._dns = dns
         self._fetcher = fetcher
         self._cache = cache
@@ -406,12 +429,14 @@ class StsResolver:
             log.exception("sts.policy.fetch_crashed", extra={"domain": domain})
             result = StsFetchFailed("sts-policy-fetch-error", f"{type(err).__name__}: {err}")
         if isinstance(result, StsFetchFailed):
+            self._observe(FETCH_RESULTS.get(result.reason, "fetch-error"))
             log.warning(
                 "sts.policy.fetch_failed",
                 extra={"domain": domain, "reason": result.reason, "detail": result.detail},
             )
             self._remember_failure(domain, policy_id, result)
             return result
+        self._observe("ok")
         await asyncio.to_thread(self._cache.put, domain, policy_id, result, self._clock.now())
         log.info(
             "sts.policy.fetched",

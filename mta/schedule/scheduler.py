@@ -270,6 +270,12 @@ class Scheduler:
         """Messages in the queue (pending recipients left), in flight or waiting."""
         return len(self._index)
 
+    @property
+    def oldest_received_at(self) -> float | None:
+        """When the oldest queued message was accepted (``None``: the queue is empty).
+        A pass over the index, for a metrics scrape now and then, not per message."""
+        return min((e.envelope.received_at for e in self._index.values()), default=None)
+
     async def run(self) -> None:
         """The loop: launch due attempts, sleep until the next due time or a wake-up.
 

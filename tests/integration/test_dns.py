@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -115,3 +115,34 @@ def test_invalid_name_is_no_domain_without_a_query(server: TinyDns) -> None:
     found = asyncio.run(client(server).mx("bad..name.test"))
     assert isinstance(found, NoDomain)
     assert len(server.queries) == before
+
+
+def test_every_query_sent_is_observed_by_type_and_result(server: TinyDns) -> None:
+    """The metrics' mta_dns_lookups_total: one per query sent, cache hits not counted."""
+    seen: list[tuple[str, str]] = []
+    dns_client = DnsClient([Resolver("127.0.0.1", server.port)], 0.5, observe=_record(seen))
+
+    async def lookups() -> None:
+        await dns_client.mx("example.test")
+        await dns_client.mx("example.test")  # cached: no query
+        await dns_client.mx("implicit.test")
+        await dns_client.mx("missing.test")
+        await dns_client.mx("broken.test")
+        await dns_client.mx("silent.test")
+        await dns_client.txt("empty.test")
+        await dns_client.addresses("mx2.example.test")
+
+    asyncio.run(lookups())
+    assert seen[:6] == [
+        ("MX", "ok"),
+        ("MX", "nodata"),
+        ("MX", "nxdomain"),
+        ("MX", "servfail"),
+        ("MX", "timeout"),
+        ("TXT", "ok"),
+    ]
+    assert sorted(seen[6:]) == [("A", "ok"), ("AAAA", "nodata")]  # asked together
+
+
+def _record(seen: list[tuple[str, str]]) -> Callable[[str, str], None]:
+    return lambda rdtype, result: seen.append((rdtype, result))

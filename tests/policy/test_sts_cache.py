@@ -644,3 +644,22 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.001)
+
+
+def test_each_fetch_is_observed_by_a_bounded_result(tmp_path: Path) -> None:
+    """The metrics' mta_sts_policy_fetches_total: one per HTTPS fetch, by result."""
+    seen: list[str] = []
+    lab = Lab(tmp_path)
+    lab.resolver = StsResolver(lab.dns, lab.fetcher, lab.cache, lab.clock, observe=seen.append)
+    lab.fetcher.results.update(
+        {
+            "good.example": fetched(ENFORCE),
+            "bad.example": StsFetchFailed("sts-policy-invalid", "no version"),
+            "pkix.example": StsFetchFailed("sts-webpki-invalid", "expired"),
+        }
+    )
+    for domain in ("good.example", "bad.example", "pkix.example", "down.example"):
+        lab.dns.answers[f"_mta-sts.{domain}"] = txt("a1")
+        lab.facts(domain)
+    lab.facts("good.example")  # cached: no fetch, nothing observed
+    assert seen == ["ok", "invalid", "webpki-invalid", "fetch-error"]

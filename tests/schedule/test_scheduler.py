@@ -441,6 +441,21 @@ def test_flush_makes_deferred_due_now() -> None:
     run(main)
 
 
+def test_oldest_received_at_follows_the_queue() -> None:
+    """What mta_queue_oldest_seconds reads: the oldest message still queued."""
+
+    async def main() -> None:
+        rig = Rig(FakeAgent(by_domain({"late.test": LATER})))
+        assert rig.scheduler.oldest_received_at is None
+        rig.submit(envelope("bob@b.test", received_at=T0 - 50))
+        rig.submit(envelope("carol@late.test", received_at=T0 - 10))
+        assert rig.scheduler.oldest_received_at == T0 - 50
+        await rig.scheduler.run_once()  # b.test delivered, late.test deferred
+        assert rig.scheduler.oldest_received_at == T0 - 10
+
+    run(main)
+
+
 def test_run_wakes_on_enqueue_and_sleeps_otherwise() -> None:
     async def main() -> None:
         rig = Rig(FakeAgent(by_domain({"slow.test": LATER})))
