@@ -122,6 +122,19 @@ MIN_RECEIPTS_AGE: Final = 2 * 86400.0  # TLS-RPT reports yesterday's sessions
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus ``/metrics`` and the transparency ``/report`` over HTTP
+    (``mta.report.http``); ``listen = ""`` turns the listener off."""
+
+    host: str = "127.0.0.1"  # ``listen``, an IP address and port
+    port: int = 9464
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyServerConfig:
     """``[policy_server]``: ``mta policy-server``, our policy for Postfix's
     ``smtp_tls_policy_maps`` over socketmap (``mta.postfix.server``)."""
@@ -216,6 +229,7 @@ class Config:
     tlsrpt: TlsRptConfig = TlsRptConfig()
     server: ServerConfig = ServerConfig()
     receipts: ReceiptsConfig = ReceiptsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def control_socket(self) -> Path:
@@ -575,6 +589,7 @@ def validate(
 
     tlsrpt = _tlsrpt(top.table("tlsrpt"), home)
     receipts = _receipts(top.table("receipts"))
+    metrics = _metrics(top.table("metrics"))
     policy_server = _policy_server(top.table("policy_server"))
 
     out_t = top.table("outbound")
@@ -677,6 +692,7 @@ def validate(
         tlsrpt=tlsrpt,
         server=server,
         receipts=receipts,
+        metrics=metrics,
     )
 
 
@@ -697,6 +713,27 @@ def _receipts(table: _Table) -> ReceiptsConfig:
         raise table.error("max_age", "must be at least 2d (TLS reports cover yesterday)")
     table.done()
     return ReceiptsConfig(max_age=max_age)
+
+
+def _metrics(table: _Table) -> MetricsConfig:
+    """``[metrics]``: ``listen`` is ``IP:PORT`` (IPv6 in brackets, ``[::1]:9464``) or ``""``."""
+
+    def listen(text: str) -> tuple[str, int]:
+        if not text:
+            return "", 0
+        try:
+            hop = parse_nexthop(text)
+        except ValueError:
+            hop = None
+        if hop is None or not is_ip(hop.host) or hop.port is None:
+            raise ValueError(
+                f'expected IP:PORT (127.0.0.1:9464, [::1]:9464) or "" for off, got {text!r}'
+            )
+        return hop.host, hop.port
+
+    host, port = table.convert("listen", str, ("127.0.0.1", 9464), listen)
+    table.done()
+    return MetricsConfig(host=host, port=port)
 
 
 def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:
