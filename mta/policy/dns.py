@@ -197,9 +197,9 @@ class DnsClient:
         resolvers: Sequence[Resolver],
         timeout: float,
         *,
-        observe: Callable[[str, str], None] = _no_observer,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
-        self._observe = observe
+        self._observe = observe or _no_observer
         if resolvers:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [_Nameserver(r.host, r.port) for r in resolvers]

@@ -304,9 +304,9 @@ class StsResolver:
         cache: StsCache,
         clock: Clock,
         *,
-        observe: Callable[[str], None] = _no_observer,
+        observe: Callable[[str], None] | None = None,
     ) -> None:
-        self._observe = observe
+        self._observe = observe or _no_observer
         self._dns = dns
         self._fetcher = fetcher
         self._cache = cache

@@ -97,13 +97,6 @@ class QueueView(Protocol):
     def oldest_received_at(self) -> float | None: ...
 
 
-class DnssecView(Protocol):
-    """What the scrape reads from the DNSSEC probe (``mta.policy.dnssec_probe``)."""
-
-    @property
-    def status(self) -> DnssecStatus: ...
-
-
 def _bounded(value: str | None, allowed: Iterable[str], default: str = "other") -> str:
     return value if value is not None and value in allowed else default
 
@@ -207,8 +200,9 @@ class Metrics:
         """The DNS client's observer (``DnsClient(observe=...)``)."""
         self._dns.labels(_bounded(rdtype, DNS_TYPES), _bounded(result, DNS_RESULTS)).inc()
 
-    def watch(self, queue: QueueView, dnssec: DnssecView | None) -> None:
-        """Read the queue and the DNSSEC probe at every scrape (once; later calls replace)."""
+    def watch(self, queue: QueueView, dnssec: Callable[[], DnssecStatus | None]) -> None:
+        """Read the queue and the DNSSEC probe's status (``None``: no probe, DANE is off)
+        at every scrape (once; later calls replace)."""
         if self._live is not None:
             self.registry.unregister(self._live)
         self._live = _LiveCollector(queue, dnssec, self._clock.now)
@@ -225,7 +219,10 @@ class _LiveCollector:
     read at each scrape."""
 
     def __init__(
-        self, queue: QueueView, dnssec: DnssecView | None, now: Callable[[], float]
+        self,
+        queue: QueueView,
+        dnssec: Callable[[], DnssecStatus | None],
+        now: Callable[[], float],
     ) -> None:
         self._queue = queue
         self._dnssec = dnssec
@@ -241,7 +238,7 @@ class _LiveCollector:
         oldest = self._queue.oldest_received_at
         age = 0.0 if oldest is None else max(0.0, self._now() - oldest)
         yield GaugeMetricFamily("mta_queue_oldest_seconds", _OLDEST_HELP, value=age)
-        status = self._dnssec.status if self._dnssec is not None else None
+        status = self._dnssec()
         if status is not None and status.last_checked is not None:  # absent: nothing known
             yield GaugeMetricFamily("mta_dnssec_probe_ok", _DNSSEC_HELP, value=int(status.ok))
 

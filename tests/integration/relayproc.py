@@ -112,7 +112,10 @@ class RelayProcess:
     def write_policy(self, policy: str) -> None:
         """Write the policy with our listener and [server] first; ``policy`` adds the rest."""
         listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {self.port}\n{self.listener}\n'
-        self.policy_file.write_text(f"[server]\n{self.server}\n\n{listener}{policy}")
+        # The metrics listener is off unless the test asks for it: relays run side by
+        # side here, and the default port (9464) is one port.
+        metrics = "" if "[metrics]" in policy else '[metrics]\nlisten = ""\n\n'
+        self.policy_file.write_text(f"[server]\n{self.server}\n\n{listener}{metrics}{policy}")
 
     @property
     def log(self) -> str:

@@ -263,7 +263,8 @@ def test_spool_write_error_during_data_says_why_and_leaves_nothing(
     port = free_port()
     with Receiver("127.0.0.152", tls="fs", ca=tls_ca) as receiver:
         listener = f'[[listener]]\naddress = "127.0.0.1"\nport = {port}\n\n'
-        text = listener + policy(f"[127.0.0.152]:{receiver.port}")
+        metrics_off = '[metrics]\nlisten = ""\n\n'  # the default port is one port for all
+        text = listener + metrics_off + policy(f"[127.0.0.152]:{receiver.port}")
         cfg = config.parse_text(text, "fault.toml", tmp_path / "var")
         spool = cfg.spool.path
         with InProcessRelay(cfg), session(port) as smtp:

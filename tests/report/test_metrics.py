@@ -173,31 +173,26 @@ class Queue:
     oldest_received_at: float | None = None
 
 
-@dataclass
-class Probe:
-    status: DnssecStatus
-
-
 def test_live_gauges_are_read_at_each_scrape() -> None:
     clock, queue = Clock(), Queue()
-    probe = Probe(DnssecStatus())  # not probed yet: nothing to say
+    probe = [DnssecStatus()]  # not probed yet: nothing to say
     metrics = Metrics(clock)
-    metrics.watch(queue, probe)
+    metrics.watch(queue, lambda: probe[0])
     assert _value(metrics, "mta_queue_messages") == 0.0
     assert _value(metrics, "mta_queue_oldest_seconds") == 0.0
     assert _value(metrics, "mta_dnssec_probe_ok") is None
     queue.queued, queue.oldest_received_at = 3, T0 - 90.0
-    probe.status = DnssecStatus(ok=False, last_checked=T0)
+    probe[0] = DnssecStatus(ok=False, last_checked=T0)
     assert _value(metrics, "mta_queue_messages") == 3.0
     assert _value(metrics, "mta_queue_oldest_seconds") == 90.0
     assert _value(metrics, "mta_dnssec_probe_ok") == 0.0
-    probe.status = DnssecStatus(ok=True, last_checked=T0 + 5)
+    probe[0] = DnssecStatus(ok=True, last_checked=T0 + 5)
     assert _value(metrics, "mta_dnssec_probe_ok") == 1.0
 
 
 def test_dnssec_gauge_absent_when_dane_is_off() -> None:
     metrics = Metrics(Clock())
-    metrics.watch(Queue(), None)
+    metrics.watch(Queue(), lambda: None)
     assert _value(metrics, "mta_dnssec_probe_ok") is None
 
 
@@ -231,8 +226,8 @@ def test_series_do_not_grow_with_the_number_of_domains() -> None:
             metrics.sts_fetch("fetch-error")
 
     few, many = Metrics(Clock()), Metrics(Clock())
-    few.watch(Queue(5, T0), None)
-    many.watch(Queue(500, T0), None)
+    few.watch(Queue(5, T0), lambda: None)
+    many.watch(Queue(500, T0), lambda: None)
     traffic(few, 5)
     traffic(many, 500)
     assert _series(many) == _series(few)
