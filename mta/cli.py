@@ -1,4 +1,4 @@
-"""The ``mta`` command: run | queue | stats | keys | passwd | check | policy-server |
+"""The ``mta`` command: run | queue | stats | reload | keys | passwd | check | policy-server |
 tlsrpt | receipts | policy.
 
 Exit status: 0 ok, 1 operational failure (e.g. a refused key file), 2 bad policy or
@@ -34,6 +34,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 REWRAP_WAIT = 3600.0  # seconds for a running relay to re-wrap its whole spool
+RELOAD_WAIT = 120.0  # seconds for a reload (it reads every queued record's key id)
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -120,6 +121,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"mta: relay answered: {answer}", file=sys.stderr)
         return EXIT_FAILURE
     print(answer.removeprefix("ok").strip())
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``mta reload``: the running relay re-reads its policy, certificates, password and
+    key files; on any problem it keeps the old ones and we print its one line. A policy
+    that does not even parse is reported here, and the relay is not asked."""
+    try:
+        cfg = _load(args)
+    except ConfigError as err:
+        print(f"mta: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    answer = control.ask(cfg.control_socket, "reload", timeout=RELOAD_WAIT)
+    if answer is None:
+        print("mta: relay not running", file=sys.stderr)
+        return EXIT_FAILURE
+    if not answer.startswith("ok"):
+        print(f"mta: {answer.removeprefix('error').strip()}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"reloaded: {answer.removeprefix('ok').strip()}")
     return EXIT_OK
 
 
@@ -297,6 +318,18 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     return receipts_cli.show(cfg, args.qid, as_json=args.json)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mta.report import transparency_cli  # imported here: it pulls in matplotlib
+
+    return transparency_cli.run(_load(args), args.days, Path(args.out) if args.out else None)
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 366:
+        raise argparse.ArgumentTypeError(f"expected 1 to 366, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mta", description="Mail transport security relay.")
     parser.add_argument("--version", action="version", version=f"mta {__version__}")
@@ -344,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("stats", help="queue and process figures of the running relay")
     )
     stats.set_defaults(func=cmd_stats)
+
+    reload = with_config(
+        sub.add_parser("reload", help="re-read policy, certificates, passwords, keys (SIGHUP)")
+    )
+    reload.set_defaults(func=cmd_reload)
 
     keys = with_config(sub.add_parser("keys", help="spool key management"))
     keys.add_argument("action", choices=["list", "rotate", "rewrap", "prune"])
@@ -400,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for rcpt in (rcpt_show, rcpt_verify):
         rcpt.set_defaults(func=cmd_receipts)
+
+    report = with_config(
+        sub.add_parser("report", help="the transparency report: how mail was protected (HTML)")
+    )
+    report.add_argument("--days", type=_days, default=7, help="UTC days up to today (default 7)")
+    report.add_argument("--out", metavar="FILE.html", help="write it here (default: stdout)")
+    report.set_defaults(func=cmd_report)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="action", required=True

@@ -78,7 +78,8 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
@@ -779,24 +780,31 @@ class Sessions:
         await asyncio.sleep(0)  # let the transports write what they were given
 
 
-def _protocol_factory(
-    config: Config,
-    listener: ListenerConfig,
-    handler: RelayHandler,
-    context: ssl.SSLContext,
-    authenticator: Authenticator | None,
-    hostname: str,
-    sessions: Sessions,
-    auth_failures: AuthFailures,
-) -> Callable[[], RelaySMTP]:
-    implicit = listener.mode == "smtps"
-    submission = listener.mode == "submission"
+@dataclass(frozen=True)
+class Serving:
+    """What a listener builds its next session with. A reload swaps it whole
+    (``Listener.serving``); a session keeps the one it started with to its end."""
 
+    config: Config
+    listener: ListenerConfig
+    handler: RelayHandler
+    context: ssl.SSLContext
+    authenticator: Authenticator | None
+    hostname: str
+
+
+def _protocol_factory(
+    slot: Listener, sessions: Sessions, auth_failures: AuthFailures
+) -> Callable[[], RelaySMTP]:
     def build() -> RelaySMTP:
+        serving = slot.serving  # read per connection: a reload swaps it
+        config, listener, context = serving.config, serving.listener, serving.context
+        implicit = listener.mode == "smtps"
+        submission = listener.mode == "submission"
         return RelaySMTP(
-            handler,
+            serving.handler,
             implicit_tls=implicit,
-            hostname=hostname,
+            hostname=serving.hostname,
             ident=IDENT,
             decode_data=False,
             enable_SMTPUTF8=False,
@@ -807,7 +815,7 @@ def _protocol_factory(
             # On smtps the whole connection is TLS, so AUTH needs no STARTTLS first.
             auth_require_tls=not implicit,
             auth_required=submission,
-            authenticator=authenticator,
+            authenticator=serving.authenticator,
             limits=config.limits,
             sessions=sessions,
             auth_failures=auth_failures,
@@ -815,6 +823,29 @@ def _protocol_factory(
         )
 
     return build
+
+
+class Listener:
+    """One running listener: its server, and what its next session is built with."""
+
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+        self.server: asyncio.Server | None = None
+
+    def handshake_context(self) -> ssl.SSLContext:
+        """smtps: the server's TLS context, fixed when it starts. Each handshake switches
+        to the listener's context of the moment, as an SNI callback may (OpenSSL calls
+        it for every ClientHello, with or without a server name), so renewed
+        certificates are served without a new socket."""
+
+        def switch(ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            current = self.serving.context
+            if ssl_object.context is not current:
+                ssl_object.context = current
+
+        first = self.serving.context
+        first.sni_callback = switch
+        return first
 
 
 def bind_listener(config: Config, index: int) -> socket.socket:
@@ -858,6 +889,129 @@ def _cannot_listen(config: Config, index: int, err: OSError) -> ConfigError:
     return ConfigError(config.source, f"listener[{index}]", f"cannot listen on {where}: {reason}")
 
 
+def serving_for(
+    config: Config,
+    accept: Accept,
+    tls_for: Callable[[ListenerConfig], ssl.SSLContext],
+    authenticator: Authenticator | None,
+    hostname: str,
+    events: EventSink | None = None,
+) -> list[Serving]:
+    """What each of ``config.listeners`` serves with, built and checked (a submission
+    listener needs a password file) before anything listens or is swapped."""
+    serving: list[Serving] = []
+    for listener in config.listeners:
+        if listener.mode == "submission" and authenticator is None:
+            raise ConfigError(
+                config.source, "auth.password_file", "required by a submission listener"
+            )
+        handler = RelayHandler(config, listener, accept, hostname, events=events)
+        serving.append(
+            Serving(config, listener, handler, tls_for(listener), authenticator, hostname)
+        )
+    return serving
+
+
+class Listeners:
+    """The running listeners, in the order of ``config.listeners``.
+
+    Parameters:
+        sessions: every listener's live sessions (one count for all: another port is no
+            way around a limit).
+        limits: the AUTH failure limits (``auth_failures``, ``auth_failure_window``).
+    """
+
+    def __init__(self, sessions: Sessions, limits: LimitsConfig) -> None:
+        self.sessions = sessions
+        self.running: list[Listener] = []
+        self._limits = limits
+        self.auth_failures = AuthFailures(limits.auth_failures, limits.auth_failure_window)
+
+    @property
+    def servers(self) -> list[asyncio.Server]:
+        return [slot.server for slot in self.running if slot.server is not None]
+
+    async def open(self, serving: Serving, sock: socket.socket, index: int) -> Listener:
+        """Start listening on ``sock`` (bound already) for ``serving.listener``."""
+        slot = Listener(serving)
+        listener = serving.listener
+        smtps = listener.mode == "smtps"
+        factory = _protocol_factory(slot, self.sessions, self.auth_failures)
+        try:
+            slot.server = await asyncio.get_running_loop().create_server(
+                factory,
+                sock=sock,
+                ssl=slot.handshake_context() if smtps else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if smtps else None,
+            )
+        except OSError as err:
+            sock.close()
+            raise _cannot_listen(serving.config, index, err) from None
+        server = slot.server
+        port = server.sockets[0].getsockname()[1] if server.sockets else listener.port
+        log.info(
+            "receive.listening",
+            extra={
+                "address": listener.address,
+                "port": port,
+                "mode": listener.mode,
+                "auth": serving.authenticator is not None,
+            },
+        )
+        return slot
+
+    async def start(
+        self, serving: Sequence[Serving], bound: Sequence[socket.socket] | None = None
+    ) -> None:
+        """Open every listener; a listener that cannot bind raises ``ConfigError``
+        naming it, and the ones already started are closed first."""
+        try:
+            for index, each in enumerate(serving):
+                sock = bound[index] if bound is not None else bind_listener(each.config, index)
+                self.running.append(await self.open(each, sock, index))
+        except BaseException:
+            self.close()
+            for sock in bound or ():
+                sock.close()
+            raise
+
+    async def swap(
+        self,
+        serving: Sequence[Serving],
+        kept: Sequence[tuple[int, int]],
+        added: Mapping[int, socket.socket | None],
+    ) -> None:
+        """A reload: the kept listeners (old index, new index) serve their next sessions
+        with the new ``serving``; the others are closed; ``added`` ones (new index ->
+        socket bound already, or None: bind now) start. Sessions in progress go on."""
+        keep = {old: new for old, new in kept}
+        slots: dict[int, Listener] = {}
+        for old_index, slot in enumerate(self.running):
+            if old_index in keep:
+                slot.serving = serving[keep[old_index]]
+                slots[keep[old_index]] = slot
+            elif slot.server is not None:
+                slot.server.close()  # its sessions go on; it accepts no more
+        config = serving[0].config if serving else None
+        if config is not None and config.limits != self._limits:
+            self._limits = config.limits
+            self.sessions.limits = config.limits
+            self.sessions.gate.total = config.limits.connections
+            self.sessions.gate.per_client = config.limits.connections_per_client
+            # The failures counted so far stay counted, against the new limit.
+            self.auth_failures.limit = config.limits.auth_failures
+            self.auth_failures.window = config.limits.auth_failure_window
+        for index, sock in sorted(added.items()):
+            assert config is not None
+            sock = sock if sock is not None else bind_listener(config, index)
+            slots[index] = await self.open(serving[index], sock, index)
+        self.running = [slots[index] for index in sorted(slots)]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
 async def start_listeners(
     config: Config,
     accept: Accept,
@@ -883,52 +1037,16 @@ async def start_listeners(
             listener in order; None: each is bound here.
 
     A listener that cannot bind raises ``ConfigError`` naming it; any already started
-    are closed first.
+    are closed first. (``Listeners`` is the same, kept for a reload.)
     """
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.Server] = []
-    # One count for every listener: another port is no way around a limit.
-    sessions = sessions if sessions is not None else Sessions(config.limits)
-    auth_failures = AuthFailures(config.limits.auth_failures, config.limits.auth_failure_window)
+    listeners = Listeners(
+        sessions if sessions is not None else Sessions(config.limits), config.limits
+    )
     try:
-        for index, listener in enumerate(config.listeners):
-            if listener.mode == "submission" and authenticator is None:
-                raise ConfigError(
-                    config.source, "auth.password_file", "required by a submission listener"
-                )
-            context = tls_for(listener)
-            handler = RelayHandler(config, listener, accept, hostname, events=events)
-            factory = _protocol_factory(
-                config, listener, handler, context, authenticator, hostname, sessions, auth_failures
-            )
-            sock = bound[index] if bound is not None else bind_listener(config, index)
-            try:
-                server = await loop.create_server(
-                    factory,
-                    sock=sock,
-                    ssl=context if listener.mode == "smtps" else None,
-                    ssl_handshake_timeout=(
-                        TLS_HANDSHAKE_TIMEOUT if listener.mode == "smtps" else None
-                    ),
-                )
-            except OSError as err:
-                sock.close()
-                raise _cannot_listen(config, index, err) from None
-            servers.append(server)
-            port = server.sockets[0].getsockname()[1] if server.sockets else listener.port
-            log.info(
-                "receive.listening",
-                extra={
-                    "address": listener.address,
-                    "port": port,
-                    "mode": listener.mode,
-                    "auth": authenticator is not None,
-                },
-            )
+        serving = serving_for(config, accept, tls_for, authenticator, hostname, events)
     except BaseException:
-        for server in servers:
-            server.close()
         for sock in bound or ():
             sock.close()
         raise
-    return servers
+    await listeners.start(serving, bound)
+    return listeners.servers

@@ -196,6 +196,18 @@ class Scheduler:
             entry.content = content
             self._fresh_bytes += len(content)
 
+    def reconfigure(self, agent: Agent, outbound: OutboundConfig, max_age: float) -> Agent:
+        """A reload: new attempts use ``agent`` and the new retry schedule; attempts in
+        flight finish with the agent they started with, which is returned (for the
+        caller to close its idle connections). ``outbound.max_connections`` is fixed."""
+        old, self._agent = self._agent, agent
+        self._max_age = max_age
+        self._retry_min = outbound.retry_min
+        self._retry_max = outbound.retry_max
+        self._per_destination = max(1, outbound.max_per_destination)
+        self._wake.set()
+        return old
+
     def flush(self) -> int:
         """Make every pending recipient due now; returns the number of messages affected."""
         now = self._clock.now()
