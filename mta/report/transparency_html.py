@@ -59,9 +59,10 @@ figure { margin: 8px 0 12px; }
 figure svg { width: 100%; height: auto; display: block; }
 table { border-collapse: collapse; width: 100%; font-size: 13.5px;
         font-variant-numeric: tabular-nums; }
-th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: right; }
-th:first-child, td:first-child { text-align: left; white-space: nowrap; }
-thead th { background: var(--bg); font-weight: 600; }
+th, td { padding: 5px 6px; border-bottom: 1px solid var(--line); text-align: right; }
+td { white-space: nowrap; }
+th:first-child, td:first-child, .text { text-align: left; white-space: nowrap; }
+thead th { background: var(--bg); font-weight: 600; font-size: 12.5px; vertical-align: bottom; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
           margin-right: 5px; vertical-align: baseline; }
 footer { margin-top: 36px; color: var(--muted); font-size: 13px; }
@@ -165,7 +166,7 @@ def _deferrals_section(figures: Transparency) -> str:
         )
     total = figures.deferred
     rows = "".join(
-        f"<tr><td>{escape(item.reason)}</td><td>{escape(item.meaning)}</td>"
+        f'<tr><td>{escape(item.reason)}</td><td class="text">{escape(item.meaning)}</td>'
         f"<td>{item.count:,}</td><td>{_percent(_ratio(item.count, total))}</td></tr>"
         for item in figures.deferrals
     )
@@ -174,7 +175,8 @@ def _deferrals_section(figures: Transparency) -> str:
         '<p class="note">Recipients deferred, per attempt: the RFC 8460 result type when '
         "the TLS requirement was not met, otherwise the reply's enhanced status code.</p>"
         f"{_figure(_deferrals_plot(figures), 'Bars: deferrals per reason')}"
-        "<table><thead><tr><th>Reason</th><th>Meaning</th><th>Deferrals</th><th>Share</th>"
+        '<table><thead><tr><th>Reason</th><th class="text">Meaning</th><th>Deferrals</th>'
+        "<th>Share</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></section>"
     )
 

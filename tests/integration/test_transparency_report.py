@@ -129,7 +129,7 @@ def test_chromium_shows_the_plots_and_the_numbers(
     assert "<td>2024-03-01</td><td>341</td><td>33.7\u00a0%</td><td>34.0\u00a0%</td>" in dom
     assert "<td>11.4\u00a0%</td><td>18.2\u00a0%</td><td>2.6\u00a0%</td>" in dom
     assert "<td>gmail.example</td><td>472</td>" in dom
-    assert "<td>4.4.1</td><td>no answer from host</td><td>41</td>" in dom
+    assert '<td>4.4.1</td><td class="text">no answer from host</td><td>41</td>' in dom
     assert "TLS reports (21 recipients in this period) are left out" in dom
 
     png = tmp_path / "report.png"

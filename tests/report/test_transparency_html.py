@@ -41,8 +41,11 @@ def test_the_tables_carry_the_numbers() -> None:
     page = render_html(build(EVENTS, now=NOW, days=2))
     assert "<tr><td>2024-03-01</td><td>5</td><td>60.0\u00a0%</td><td>20.0\u00a0%</td>" in page
     assert "<td>dane.test</td><td>3</td><td>3 (100.0\u00a0%)</td>" in page
-    assert "<td>starttls-not-supported</td><td></td><td>2</td><td>66.7\u00a0%</td>" in page
-    assert "<td>4.4.1</td><td>no answer from host</td><td>1</td>" in page
+    assert (
+        '<td>starttls-not-supported</td><td class="text"></td><td>2</td><td>66.7\u00a0%</td>'
+        in page
+    )
+    assert '<td>4.4.1</td><td class="text">no answer from host</td><td>1</td>' in page
 
 
 def test_strings_from_the_network_are_escaped() -> None:
