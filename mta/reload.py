@@ -33,6 +33,7 @@ RESTART_ONLY: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
     ("log", lambda c: c.log),
     ("receipts", lambda c: c.receipts),
     ("tlsrpt", lambda c: c.tlsrpt),
+    ("metrics", lambda c: c.metrics),  # its HTTP listener starts with the relay
 )
 
 

@@ -28,6 +28,7 @@ def _config(text: str = BASE, source: str = "/etc/mta/relay.toml") -> config.Con
         ('[log]\nformat = "json"\n', "log"),
         ('[receipts]\nmax_age = "3d"\n', "receipts"),
         ('[tlsrpt]\norganization = "Example"\n', "tlsrpt"),
+        ('[metrics]\nlisten = ""\n', "metrics"),
     ],
 )
 def test_a_restart_only_change_is_refused_naming_file_and_key(extra: str, key: str) -> None:
