@@ -7,9 +7,11 @@ import asyncio
 import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import trustme
 from PIL import Image, ImageStat
 
 from mta import cli, config
@@ -19,6 +21,8 @@ from mta.report.transparency import Protection, build
 from mta.report.transparency_cli import render_page
 from mta.report.transparency_html import COLOURS
 from mta.spool.keys import KeyRing
+from tests.integration.receivers import Receiver
+from tests.integration.relayproc import RelayProcess, free_port, policy
 from tests.report.transparency_sample import NOW, week
 
 CHROMIUM = "/usr/bin/chromium"
@@ -147,3 +151,32 @@ def test_chromium_shows_the_plots_and_the_numbers(
             colours[hex_colour] += count
     # every protection class is drawn (the bars' flat fill is exactly its colour)
     assert all(colours[COLOURS[p]] > 300 for p in Protection), colours
+
+
+@pytest.mark.timeout(120)
+def test_a_running_relay_serves_the_page_at_get_report(tls_ca: trustme.CA, tmp_path: Path) -> None:
+    port = free_port()
+    with Receiver("127.0.0.1", tls="fs", ca=tls_ca) as rx:
+        metrics = f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        relay = RelayProcess(tmp_path, policy(f"[127.0.0.1]:{rx.port}", extra=metrics))
+        relay.start()
+        try:
+            with relay.smtp() as smtp:
+                smtp.sendmail("alice@sender.test", ["bob@dest.test"], b"Subject: hi\r\n\r\nhi\r\n")
+            rx.wait_for(1, timeout=20)
+            # the attempt is still in the relay's receipt buffer: the page writes it out first
+            url = f"http://127.0.0.1:{port}/report?days=1"
+            deadline = time.monotonic() + 20
+            while True:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    assert response.headers["Content-Type"].startswith("text/html")
+                    page = response.read().decode()
+                if "<td>dest.test</td><td>1</td>" in page or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)  # the scheduler settles the attempt just after the 250
+        finally:
+            relay.stop()
+    assert page.count("<svg") == 2  # per day and domains; no deferral, no deferral plot
+    assert re.findall(r"<tr><td>(\d{4}-\d\d-\d\d)</td><td>1</td>", page)  # today: 1 delivered
+    assert "<td>dest.test</td><td>1</td>" in page
+    assert "Transparency report: " in page
