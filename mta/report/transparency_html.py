@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
@@ -36,6 +37,7 @@ CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
 _ID = re.compile(r'\bid="([^"]+)"')
+_RC_LOCK = threading.Lock()  # rc_context changes matplotlib's global settings: one at a time
 
 STYLE: Final = """
 :root { --ink: #1f2328; --muted: #57606a; --line: #d0d7de; --bg: #f6f8fa; }
@@ -236,7 +238,8 @@ def _to_svg(figure: Figure, prefix: str) -> str:
     import matplotlib
 
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": f"mta-{prefix}", "svg.fonttype": "path"}):
+    settings = {"svg.hashsalt": f"mta-{prefix}", "svg.fonttype": "path"}
+    with _RC_LOCK, matplotlib.rc_context(settings):
         figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
     text = _METADATA.sub("", _PROLOG.sub("", buffer.getvalue(), count=1))
     for name in set(_ID.findall(text)):
