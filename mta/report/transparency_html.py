@@ -238,8 +238,7 @@ def _to_svg(figure: Figure, prefix: str) -> str:
     import matplotlib
 
     buffer = io.StringIO()
-    settings = {"svg.hashsalt": f"mta-{prefix}", "svg.fonttype": "path"}
-    with _RC_LOCK, matplotlib.rc_context(settings):
+    with _RC_LOCK, matplotlib.rc_context({"svg.hashsalt": f"mta-{prefix}", "svg.fonttype": "path"}):
         figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
     text = _METADATA.sub("", _PROLOG.sub("", buffer.getvalue(), count=1))
     for name in set(_ID.findall(text)):
