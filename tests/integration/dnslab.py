@@ -166,6 +166,8 @@ class DnsLab:
         workdir: where zones, keys, configuration and the two logs go (``knot.log``,
             ``unbound.log``); created if missing.
         knot_host, unbound_host: loopback addresses the two servers listen on.
+        unbound_port: the validating unbound's port; 0 probes a free one. 53 lets
+            programs that only read resolv.conf (Postfix) use the lab.
     """
 
     def __init__(
@@ -174,12 +176,14 @@ class DnsLab:
         *,
         knot_host: str = "127.0.0.1",
         unbound_host: str = "127.0.0.53",
+        unbound_port: int = 0,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.knot_host = knot_host
         self.unbound_host = unbound_host
         self.knot_port = 0
         self.unbound_port = 0
+        self._fixed_unbound_port = unbound_port
         self.startup_seconds = 0.0
         self.token = secrets.token_hex(8)
         self._zones: dict[str, _Zone] = {PARENT: _Zone(PARENT, [], signed=True, bogus=False)}
@@ -451,7 +455,8 @@ class DnsLab:
     def _start_unbound(self, *, validating: bool = True) -> int:
         name = "unbound" if validating else "unbound-plain"
         for _attempt in range(3):
-            port = free_port(self.unbound_host)
+            fixed = self._fixed_unbound_port if validating else 0
+            port = fixed or free_port(self.unbound_host)
             conf = self._unbound_conf(port, validating=validating)
             proc = self._spawn([UNBOUND, "-d", "-p", "-c", str(conf)], f"{name}.stdout")
             if self._wait_unbound(proc, port, validating=validating):

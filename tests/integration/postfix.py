@@ -8,16 +8,25 @@ for callers that are not root (``mail_conf_suck``: ``geteuid() != 0``); tests an
 benchmark run as root, so that file need not exist. ``check_postfix_usable`` says so
 up front for anyone else.
 
-Used by ``benchmarks/relays.py`` (Postfix as the relay to compare with) and by
-``tests/integration/test_beside_postfix.py`` (Postfix beside mta, both directions).
+Postfix resolves through /etc/resolv.conf only (no setting names a nameserver). An
+instance that must use the DNSSEC lab runs in a mount namespace of its own, where a
+resolv.conf naming the lab's unbound is bind-mounted over /etc/resolv.conf
+(``running(dirs, resolv_conf=...)``): the system's file is never changed.
+
+Used by ``benchmarks/relays.py`` (Postfix as the relay to compare with),
+``tests/integration/test_beside_postfix.py`` (Postfix beside mta, both directions) and
+``tests/integration/test_policy_server_postfix.py`` (Postfix asking ``mta
+policy-server``). ``readme_block`` reads the README blocks those tests follow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +37,7 @@ from benchmarks import proctree
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 POSTFIX = "/usr/sbin/postfix"
+ROOT = Path(__file__).parents[2]
 
 # master.cf without an smtpd listener: callers add theirs ({listen} is filled in by
 # ``master_cf``). local and virtual deliver to mailboxes where main.cf asks for it.
@@ -120,9 +130,36 @@ def postfix_ids() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def postctl(dirs: PostfixDirs, action: str) -> subprocess.CompletedProcess[str]:
+def readme_block(marker: str, name: str) -> str:
+    """The README block after ``<!-- MARKER: NAME -->``: the lines a test follows word
+    for word."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(
+        rf"<!-- {re.escape(marker)}: {re.escape(name)} -->\n```[a-z]*\n(.*?)```", text, re.S
+    )
+    assert found, f"README.md has no {marker} block {name}"
+    return found.group(1)
+
+
+def postctl(
+    dirs: PostfixDirs, action: str, resolv_conf: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [POSTFIX, "-c", str(dirs.config), action]
+    if resolv_conf is not None:  # a private mount namespace; its processes inherit it
+        mount = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            mount,
+            str(resolv_conf),
+            *command,
+        ]
     return subprocess.run(
-        [POSTFIX, "-c", str(dirs.config), action],
+        command,
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
@@ -180,14 +217,38 @@ def stop_postfix(dirs: PostfixDirs) -> None:
 
 
 @contextlib.contextmanager
-def running(dirs: PostfixDirs) -> Iterator[int]:
+def running(dirs: PostfixDirs, resolv_conf: Path | None = None) -> Iterator[int]:
     """Start the instance written by ``write_config``; yield its master's pid; always
-    stop it."""
+    stop it. With ``resolv_conf`` the instance resolves through that file instead of
+    /etc/resolv.conf (module docstring)."""
     check_postfix_usable()
     try:
-        started = postctl(dirs, "start")
+        started = postctl(dirs, "start", resolv_conf)
         if started.returncode != 0:
             raise RuntimeError(f"postfix start failed: {started.stderr.strip()}")
         yield wait_master_pid(dirs)
     finally:
         stop_postfix(dirs)
+
+
+@contextlib.contextmanager
+def policy_server(policy_file: Path, home: Path, log_file: Path) -> Iterator[None]:
+    """``mta policy-server`` on ``policy_file``, ready once it logs that it listens;
+    always terminated."""
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mta", "policy-server", "--config", str(policy_file)],
+            env={**os.environ, "MTA_HOME": str(home)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "policy_server.listening" not in log_file.read_text():
+            assert proc.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -27,18 +27,12 @@ from tests.integration import postfix
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import RelayProcess, client_tls, wait_until
 
-ROOT = Path(__file__).parents[2]
 RECEIVED = rb"^Received:[^\n]*(?:\n[ \t][^\n]*)*"  # a field with its folded lines
 TLS_COMMENT = re.compile(rb"\(using TLSv1\.[23] with cipher [A-Z0-9_-]+ \(\d+/\d+ bits\)")
 
 
 def readme_block(name: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    found = re.search(
-        rf"<!-- beside-postfix: {re.escape(name)} -->\n```[a-z]*\n(.*?)```", text, re.S
-    )
-    assert found, f"README.md has no beside-postfix block {name}"
-    return found.group(1)
+    return postfix.readme_block("beside-postfix", name)
 
 
 def substitute(text: str, changes: dict[str, str]) -> str:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mta.postfix.tlspolicy import FLOORS
+from tests.integration import postfix
 from tests.integration.dnslab import PROBE, DnsLab
 from tests.integration.relayproc import common_port, free_port, run_mta
 from tests.integration.stsserver import StsServer
@@ -91,25 +89,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     (postfix_dir / "main.cf").write_text("")  # postmap reads a main.cf; ours is empty
     home = work / "var"
     log_file = work / "policy-server.log"
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mta", "policy-server", "--config", str(policy_file)],
-            env={**os.environ, "MTA_HOME": str(home)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        deadline = time.monotonic() + 20
-        while "policy_server.listening" not in log_file.read_text():
-            assert proc.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, log_file.read_text()
-            time.sleep(0.05)
-        yield Lab(
-            policy_file, home, f"socketmap:inet:127.0.0.1:{listen}:mta", postfix_dir, log_file
-        )
+        with postfix.policy_server(policy_file, home, log_file):
+            yield Lab(
+                policy_file, home, f"socketmap:inet:127.0.0.1:{listen}:mta", postfix_dir, log_file
+            )
     finally:
-        proc.terminate()
-        proc.wait(10)
         for server in servers:
             server.stop()
         dns.stop()
