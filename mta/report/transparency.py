@@ -15,6 +15,7 @@ Time is a parameter (``now``); the events come from the receipt log.
 from __future__ import annotations
 
 import enum
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ __all__ = [
     "Transparency",
     "build",
     "deferral_reason",
+    "is_tls_failure",
     "period",
     "protection_of",
+    "reason_meaning",
 ]
 
 DAY: Final = 86400.0
@@ -83,6 +86,24 @@ _ENHANCED: Final = {
     "4.7.1": "delivery not authorized",
     "4.7.5": "cryptographic failure",
 }
+# RFC 8460 §4.3 result types and DESIGN.md's own: the TLS requirement was not met.
+_TLS_FAILURES: Final = {
+    "starttls-not-supported": "STARTTLS not offered",
+    "certificate-host-mismatch": "certificate names another host",
+    "certificate-expired": "certificate expired",
+    "certificate-not-trusted": "certificate not trusted",
+    "validation-failure": "validation failed",
+    "tlsa-invalid": "TLSA records unusable",
+    "dnssec-invalid": "DNSSEC validation failed",
+    "dane-required": "DANE required, no usable TLSA",
+    "sts-policy-fetch-error": "MTA-STS policy not fetched",
+    "sts-policy-invalid": "MTA-STS policy invalid",
+    "sts-webpki-invalid": "MTA-STS policy host not trusted",
+    "no-forward-secrecy": "no forward secrecy",
+    "weak-key": "weak server key",
+    "protocol-too-old": "TLS version too old",
+}
+_STATUS: Final = re.compile(r"\d(\.\d{1,3}){2}|\d{3}")  # an enhanced code or a reply code
 
 
 def protection_of(result: DeliveryResult) -> Protection:
@@ -115,8 +136,15 @@ def deferral_reason(reason: str | None, enhanced: str, code: int) -> str:
 
 
 def reason_meaning(reason: str) -> str:
-    """What an enhanced code means (RFC 3463), "" for RFC 8460 types and unknown codes."""
-    return _ENHANCED.get(reason, "")
+    """What a deferral reason means in a few words ("" when unknown): an RFC 8460 result
+    type, or an enhanced status code (RFC 3463)."""
+    return _TLS_FAILURES.get(reason) or _ENHANCED.get(reason, "")
+
+
+def is_tls_failure(reason: str) -> bool:
+    """Whether a deferral reason says the TLS requirement was not met (a result type,
+    not a status code from the reply)."""
+    return _STATUS.fullmatch(reason) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +213,11 @@ class ReasonCount:
     @property
     def meaning(self) -> str:
         return reason_meaning(self.reason)
+
+    @property
+    def tls(self) -> bool:
+        """The TLS requirement was not met (an RFC 8460 result type)."""
+        return is_tls_failure(self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,15 @@ COLOURS: Final = {
     Protection.ENCRYPTED: "#f4a536",
     Protection.CLEAR: "#d73027",
 }
-DEFERRAL_COLOUR: Final = "#8c6bb1"
+DEFERRAL_COLOURS: Final = {  # by ReasonCount.tls
+    True: "#b2182b",  # the TLS requirement was not met (RFC 8460 result type)
+    False: "#8c6bb1",  # anything else (the reply's status code)
+}
+DEFERRAL_LABELS: Final = {True: "TLS requirement not met", False: "Other temporary failure"}
 CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
+_COMMENT = re.compile(r"[ \t]*<!--.*?-->\n?", re.S)  # matplotlib names each text drawn
 _ID = re.compile(r'\bid="([^"]+)"')
 _RC_LOCK = threading.Lock()  # rc_context changes matplotlib's global settings: one at a time
 
@@ -168,7 +173,8 @@ def _deferrals_section(figures: Transparency) -> str:
         )
     total = figures.deferred
     rows = "".join(
-        f'<tr><td>{escape(item.reason)}</td><td class="text">{escape(item.meaning)}</td>'
+        f"<tr><td>{_deferral_swatch(item.tls)}{escape(item.reason)}</td>"
+        f'<td class="text">{escape(item.meaning)}</td>'
         f"<td>{item.count:,}</td><td>{_percent(_ratio(item.count, total))}</td></tr>"
         for item in figures.deferrals
     )
@@ -217,6 +223,10 @@ def _swatch(protection: Protection) -> str:
     return f'<span class="swatch" style="background:{COLOURS[protection]}"></span>'
 
 
+def _deferral_swatch(tls: bool) -> str:
+    return f'<span class="swatch" style="background:{DEFERRAL_COLOURS[tls]}"></span>'
+
+
 def _figure(svg: str, label: str) -> str:
     return f'<figure role="img" aria-label="{escape(label)}">{svg}</figure>'
 
@@ -240,7 +250,7 @@ def _to_svg(figure: Figure, prefix: str) -> str:
     buffer = io.StringIO()
     with _RC_LOCK, matplotlib.rc_context({"svg.hashsalt": f"mta-{prefix}", "svg.fonttype": "path"}):
         figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    text = _METADATA.sub("", _PROLOG.sub("", buffer.getvalue(), count=1))
+    text = _COMMENT.sub("", _METADATA.sub("", _PROLOG.sub("", buffer.getvalue(), count=1)))
     for name in set(_ID.findall(text)):
         new = f"{prefix}-{name}"
         text = text.replace(f'id="{name}"', f'id="{new}"')
@@ -321,19 +331,30 @@ def _domains_plot(figures: Transparency) -> str:
 
 
 def _deferrals_plot(figures: Transparency) -> str:
-    reasons: Sequence[tuple[str, int]] = [
-        (item.reason + (f" ({item.meaning})" if item.meaning else ""), item.count)
-        for item in reversed(figures.deferrals)
+    items = list(reversed(figures.deferrals))  # the most on top
+    names: Sequence[str] = [  # a code gets its meaning; a result type reads as it is
+        item.reason + (f" ({item.meaning})" if item.meaning and not item.tls else "")
+        for item in items
     ]
-    figure = _new_figure(10.0, 0.9 + 0.36 * len(reasons))
+    figure = _new_figure(10.0, 0.9 + 0.36 * len(items))
     axes = figure.add_subplot()
     _style(axes)
-    positions = list(range(len(reasons)))
-    counts = [float(count) for _, count in reasons]
-    bars = axes.barh(positions, counts, 0.65, color=DEFERRAL_COLOUR)
+    counts = [float(item.count) for item in items]
+    bars = axes.barh(
+        range(len(items)), counts, 0.65, color=[DEFERRAL_COLOURS[item.tls] for item in items]
+    )
     axes.bar_label(bars, [f"{int(c):,}" for c in counts], padding=3, fontsize=9)
-    axes.set_yticks(positions, [_plain(name) for name, _ in reasons])
+    axes.set_yticks(range(len(items)), [_plain(name) for name in names])
     axes.set_xlabel("recipients deferred", fontsize=9)
     axes.xaxis.grid(True, color="#e5e5e5", linewidth=0.6)
     axes.set_axisbelow(True)
+    from matplotlib.patches import Patch
+
+    kinds = sorted({item.tls for item in items}, reverse=True)  # TLS first
+    axes.legend(
+        handles=[Patch(color=DEFERRAL_COLOURS[k], label=DEFERRAL_LABELS[k]) for k in kinds],
+        loc="lower right",  # beside the shortest bars: the plot keeps its width
+        frameon=False,
+        fontsize=9,
+    )
     return _to_svg(figure, "deferrals")

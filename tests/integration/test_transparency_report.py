@@ -19,7 +19,7 @@ from mta.events import Event
 from mta.report.receipt_log import ReceiptLog, receipts_dir
 from mta.report.transparency import Protection, build
 from mta.report.transparency_cli import render_page
-from mta.report.transparency_html import COLOURS
+from mta.report.transparency_html import COLOURS, DEFERRAL_COLOURS
 from mta.spool.keys import KeyRing
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import RelayProcess, free_port, policy
@@ -27,7 +27,7 @@ from tests.report.transparency_sample import NOW, week
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_WAIT = 90.0  # seconds for one headless run
-WIDTH, HEIGHT = 1200, 1800
+WIDTH, HEIGHT = 1200, 2600  # the whole page, the deferral plot at its foot too
 
 
 class FakeClock:
@@ -133,7 +133,8 @@ def test_chromium_shows_the_plots_and_the_numbers(
     assert "<td>2024-03-01</td><td>341</td><td>33.7\u00a0%</td><td>34.0\u00a0%</td>" in dom
     assert "<td>11.4\u00a0%</td><td>18.2\u00a0%</td><td>2.6\u00a0%</td>" in dom
     assert "<td>gmail.example</td><td>472</td>" in dom
-    assert '<td>4.4.1</td><td class="text">no answer from host</td><td>41</td>' in dom
+    assert '4.4.1</td><td class="text">no answer from host</td><td>41</td>' in dom
+    assert 'starttls-not-supported</td><td class="text">STARTTLS not offered</td>' in dom
     assert "TLS reports (21 recipients in this period) are left out" in dom
 
     png = tmp_path / "report.png"
@@ -144,13 +145,15 @@ def test_chromium_shows_the_plots_and_the_numbers(
         assert image.size == (WIDTH, HEIGHT)
         rgb = image.convert("RGB")
     assert ImageStat.Stat(rgb.convert("L")).stddev[0] > 20  # not a blank page
-    colours = {colour: 0 for colour in COLOURS.values()}
+    colours = {colour: 0 for colour in [*COLOURS.values(), *DEFERRAL_COLOURS.values()]}
     for count, pixel in rgb.getcolors(WIDTH * HEIGHT) or []:
         hex_colour = "#{:02x}{:02x}{:02x}".format(*pixel)
         if hex_colour in colours:
             colours[hex_colour] += count
-    # every protection class is drawn (the bars' flat fill is exactly its colour)
+    # every protection class is drawn (the bars' flat fill is exactly its colour), and
+    # both kinds of deferral
     assert all(colours[COLOURS[p]] > 300 for p in Protection), colours
+    assert all(colours[DEFERRAL_COLOURS[tls]] > 300 for tls in (True, False)), colours
 
 
 @pytest.mark.timeout(120)

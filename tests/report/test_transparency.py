@@ -19,12 +19,15 @@ from mta.model import (
     TlsLevel,
 )
 from mta.reply import SmtpReply
+from mta.report.metrics import RESULT_TYPES
 from mta.report.transparency import (
     Protection,
     build,
     deferral_reason,
+    is_tls_failure,
     period,
     protection_of,
+    reason_meaning,
 )
 
 T0 = 1_709_251_200.0  # 2024-03-01T00:00:00Z
@@ -96,6 +99,17 @@ def test_protection_of_the_host_that_took_the_mail(
 )
 def test_deferral_reason(reason: str | None, enhanced: str, code: int, expected: str) -> None:
     assert deferral_reason(reason, enhanced, code) == expected
+
+
+def test_every_tls_failure_the_relay_reports_has_a_meaning() -> None:
+    for result_type in RESULT_TYPES:
+        assert is_tls_failure(result_type)
+        assert reason_meaning(result_type), result_type
+    for status in ("4.4.1", "4.7.5", "4.2.2", "421", "4.0.0"):
+        assert not is_tls_failure(status)
+    assert reason_meaning("4.4.1") == "no answer from host"
+    assert reason_meaning("4.9.9") == ""
+    assert is_tls_failure("some-new-type")  # a word, not a code
 
 
 def _attempt(

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from mta.model import Outcome, QueueId
 from mta.report.transparency import build
-from mta.report.transparency_html import render_html
+from mta.report.transparency_html import DEFERRAL_COLOURS, render_html
 from tests.report.test_transparency import DANE_EE, EVENTS, NOW, _attempt
 from tests.report.transparency_sample import NOW as WEEK_NOW
 from tests.report.transparency_sample import week
@@ -41,22 +41,40 @@ def test_the_tables_carry_the_numbers() -> None:
     page = render_html(build(EVENTS, now=NOW, days=2))
     assert "<tr><td>2024-03-01</td><td>5</td><td>60.0\u00a0%</td><td>20.0\u00a0%</td>" in page
     assert "<td>dane.test</td><td>3</td><td>3 (100.0\u00a0%)</td>" in page
+    tls, other = (_swatch(DEFERRAL_COLOURS[kind]) for kind in (True, False))
     assert (
-        '<td>starttls-not-supported</td><td class="text"></td><td>2</td><td>66.7\u00a0%</td>'
-        in page
+        f"<td>{tls}starttls-not-supported</td>"
+        '<td class="text">STARTTLS not offered</td><td>2</td><td>66.7\u00a0%</td>' in page
     )
-    assert '<td>4.4.1</td><td class="text">no answer from host</td><td>1</td>' in page
+    assert f'<td>{other}4.4.1</td><td class="text">no answer from host</td><td>1</td>' in page
+
+
+def _swatch(colour: str) -> str:
+    return f'<span class="swatch" style="background:{colour}"></span>'
+
+
+def test_the_deferral_plot_tells_tls_failures_from_others() -> None:
+    page = render_html(build(EVENTS, now=NOW, days=2))
+    plot = page[page.index('<section id="deferrals">') :]
+    plot = plot[: plot.index("</svg>")]
+    tls, other = (DEFERRAL_COLOURS[kind] for kind in (True, False))
+    assert plot.count(f"fill: {tls}") == 2  # the starttls-not-supported bar, its legend key
+    assert plot.count(f"fill: {other}") == 2  # the 4.4.1 bar, its legend key
 
 
 def test_strings_from_the_network_are_escaped() -> None:
-    hostile = "<script>alert(1)</script>$x$.test"
+    hostile = "<script>alert(1)</script>$x$--><img src=x><!--.test"
     events = [*EVENTS, _attempt(NOW - 60, hostile, DANE_EE, (Outcome.SENT,) * 9)]
     deferral = _attempt(NOW - 30, "d.test", DANE_EE, (Outcome.DEFERRED,), reason="<b>&bad")
     events.append(replace(deferral, qid=QueueId("x")))
     page = render_html(build(events, now=NOW, days=2))
     assert "<script" not in page
     assert "<b>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;$x$.test" in page
+    assert "<img" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;$x$--&gt;&lt;img src=x&gt;&lt;!--.test" in page
+    # matplotlib writes each text it draws into an SVG comment: none are left on the page
+    assert "<!--" not in page
+    assert "-->" not in page.replace("--&gt;", "")
     assert "&lt;b&gt;&amp;bad" in page
 
 
