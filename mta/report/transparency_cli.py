@@ -5,6 +5,8 @@ the stored events, take the time, write the file. The command reads the day file
 the key file, relay running or not, after asking a running relay to write out what it
 holds (``receipts-flush``); the relay's own ``/report`` writes its buffer out first, and
 renders in a thread (reading and plotting take a while; the loop keeps carrying mail).
+A page is kept while the receipt files and the day stay as they are: asking again costs
+a directory listing, not a second of plotting.
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Final
 
 from mta.clock import Clock
 from mta.config import Config
-from mta.report.receipt_log import flush_running, read_events, receipts_dir
+from mta.report.receipt_log import day_files, flush_running, read_events, receipts_dir
 from mta.report.transparency import build, period
 from mta.report.transparency_html import render_html
 from mta.spool.keys import KeyRing
 
-__all__ = ["make_report_provider", "render_page", "run"]
+__all__ = ["PageCache", "log_state", "make_report_provider", "render_page", "run"]
 
 EXIT_OK = 0
+CACHED_PAGES: Final = 4  # pages kept by ``GET /report`` (one per ``days`` asked for)
 
 
 def render_page(
@@ -46,16 +51,73 @@ def make_report_provider(
     flush: Callable[[], Awaitable[object]] | None = None,
     title: str = "",
 ) -> Callable[[int], Awaitable[str]]:
-    """``days -> HTML`` for the metrics listener's ``GET /report``."""
+    """``days -> HTML`` for the metrics listener's ``GET /report``.
+
+    The page for ``days`` is made again only when the receipt files changed (a new event
+    appended, a day file expired) or a new UTC day began; until then the same page, and
+    its "made" time, is served: its figures are still the current ones.
+    """
+    pages = PageCache(CACHED_PAGES)
+
+    def page(days: int) -> str:
+        now = clock.now()
+        key = (days, period(now, days)[0], log_state(directory))
+        cached = pages.get(key)
+        if cached is None:
+            cached = render_page(directory, keyring, now=now, days=days, title=title)
+            pages.put(key, cached)
+        return cached
 
     async def report_page(days: int) -> str:
         if flush is not None:
             await flush()  # the receipts the relay still buffers belong on the page
-        return await asyncio.to_thread(
-            render_page, directory, keyring, now=clock.now(), days=days, title=title
-        )
+        return await asyncio.to_thread(page, days)
 
     return report_page
+
+
+LogState = tuple[tuple[str, int, int], ...]
+
+
+def log_state(directory: Path) -> LogState:
+    """The receipt files as they are now: (name, size, mtime in ns) each. The files are
+    only appended to, cut at a torn tail, or removed: any change shows here."""
+    state = []
+    for name in day_files(directory):
+        try:
+            stat = (directory / name).stat()
+        except FileNotFoundError:
+            continue  # expired while we looked
+        state.append((name, stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
+PageKey = tuple[int, float, LogState]
+
+
+class PageCache:
+    """The last few pages made, by (days, first midnight, log state); thread-safe
+    (pages are made in worker threads)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._pages: dict[int, tuple[PageKey, str]] = {}  # by days, the latest used last
+        self._lock = threading.Lock()
+
+    def get(self, key: PageKey) -> str | None:
+        with self._lock:
+            kept = self._pages.pop(key[0], None)
+            if kept is None:
+                return None
+            self._pages[key[0]] = kept  # the latest used last
+            return kept[1] if kept[0] == key else None
+
+    def put(self, key: PageKey, page: str) -> None:
+        with self._lock:
+            self._pages.pop(key[0], None)
+            self._pages[key[0]] = (key, page)
+            while len(self._pages) > self._size:
+                del self._pages[next(iter(self._pages))]
 
 
 def run(cfg: Config, days: int, out: Path | None) -> int:
