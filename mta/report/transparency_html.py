@@ -36,6 +36,7 @@ DEFERRAL_COLOURS: Final = {  # by ReasonCount.tls
     True: "#b2182b",  # the TLS requirement was not met (RFC 8460 result type)
     False: "#8c6bb1",  # anything else (the reply's status code)
 }
+LABEL_CHARS: Final = 40  # of data text in a plot label
 DEFERRAL_LABELS: Final = {True: "TLS requirement not met", False: "Other temporary failure"}
 CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
@@ -69,6 +70,7 @@ table { border-collapse: collapse; width: 100%; font-size: 13.5px;
 th, td { padding: 5px 6px; border-bottom: 1px solid var(--line); text-align: right; }
 td { white-space: nowrap; }
 th:first-child, td:first-child, .text { text-align: left; white-space: nowrap; }
+td.name { white-space: normal; overflow-wrap: anywhere; max-width: 260px; }
 thead th { background: var(--bg); font-weight: 600; font-size: 12.5px; vertical-align: bottom; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
           margin-right: 5px; vertical-align: baseline; }
@@ -146,7 +148,8 @@ def _domains_section(figures: Transparency) -> str:
     for domain in figures.domains:
         cells = "".join(f"<td>{_count_share(domain.delivered, p)}</td>" for p in PROTECTIONS)
         rows.append(
-            f"<tr><td>{escape(domain.domain)}</td><td>{domain.delivered.total:,}</td>{cells}"
+            f'<tr><td class="name">{escape(domain.domain)}</td>'
+            f"<td>{domain.delivered.total:,}</td>{cells}"
             f"<td>{domain.deferred:,}</td></tr>"
         )
     shown = len(figures.domains)
@@ -267,7 +270,11 @@ def _style(axes: Axes) -> None:
 
 
 def _plain(text: str) -> str:
-    """Data text for a plot label: no mathtext (a ``$`` from the network stays a ``$``)."""
+    """Data text for a plot label: no mathtext (a ``$`` from the network stays a ``$``),
+    and at most ``LABEL_CHARS`` long (a 253-character domain name would otherwise widen
+    the plot and shrink everything in it; the table has the whole name)."""
+    if len(text) > LABEL_CHARS:
+        text = text[: LABEL_CHARS - 1] + "…"
     return text.replace("$", r"\$")
 
 

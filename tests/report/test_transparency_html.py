@@ -40,7 +40,7 @@ def test_the_page_is_deterministic() -> None:
 def test_the_tables_carry_the_numbers() -> None:
     page = render_html(build(EVENTS, now=NOW, days=2))
     assert "<tr><td>2024-03-01</td><td>5</td><td>60.0\u00a0%</td><td>20.0\u00a0%</td>" in page
-    assert "<td>dane.test</td><td>3</td><td>3 (100.0\u00a0%)</td>" in page
+    assert '<td class="name">dane.test</td><td>3</td><td>3 (100.0\u00a0%)</td>' in page
     tls, other = (_swatch(DEFERRAL_COLOURS[kind]) for kind in (True, False))
     assert (
         f"<td>{tls}starttls-not-supported</td>"
@@ -76,6 +76,18 @@ def test_strings_from_the_network_are_escaped() -> None:
     assert "<!--" not in page
     assert "-->" not in page.replace("--&gt;", "")
     assert "&lt;b&gt;&amp;bad" in page
+
+
+def test_a_long_domain_name_does_not_shrink_its_plot() -> None:
+    def widths(domain: str) -> list[float]:
+        events = [*EVENTS, _attempt(NOW - 60, domain, DANE_EE, (Outcome.SENT,) * 9)]
+        page = render_html(build(events, now=NOW, days=2))
+        return [float(w) for w in re.findall(r'<svg\b[^>]*\bwidth="([\d.]+)pt"', page)]
+
+    long = ("a" * 60 + ".") * 4 + "test"  # 248 characters, a valid name
+    short, wide = widths("b.test"), widths(long)
+    assert len(short) == len(wide) == 3
+    assert wide[1] <= short[1] * 1.25  # the domains plot: its label is cut, not the scale
 
 
 def test_an_empty_period_renders_without_plots_of_nothing() -> None:
