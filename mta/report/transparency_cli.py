@@ -55,9 +55,12 @@ def make_report_provider(
 
     The page for ``days`` is made again only when the receipt files changed (a new event
     appended, a day file expired) or a new UTC day began; until then the same page, and
-    its "made" time, is served: its figures are still the current ones.
+    its "made" time, is served: its figures are still the current ones. One page is made
+    at a time: requests arriving together wait for it (and most then find it kept) rather
+    than each hold a worker thread that the spool also uses, and the GIL, for a second.
     """
     pages = PageCache(CACHED_PAGES)
+    one_at_a_time = asyncio.Lock()
 
     def page(days: int) -> str:
         now = clock.now()
@@ -71,7 +74,8 @@ def make_report_provider(
     async def report_page(days: int) -> str:
         if flush is not None:
             await flush()  # the receipts the relay still buffers belong on the page
-        return await asyncio.to_thread(page, days)
+        async with one_at_a_time:
+            return await asyncio.to_thread(page, days)
 
     return report_page
 

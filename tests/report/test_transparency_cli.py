@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,38 @@ def test_the_page_cache_keeps_the_latest_used_pages() -> None:
     assert cache.get((1, 0.0, ())) == "one"
     assert cache.get((1, 1.0, ())) is None  # same days, another period: made again
     assert cache.get((3, 0.0, (("2024-03-01", 1, 1),))) is None  # the log changed
+
+
+def test_requests_arriving_together_make_one_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    keyring = KeyRing.create(keys / "spool.key")
+    directory = tmp_path / "receipts"
+    clock = FakeClock(NOW)
+    log = ReceiptLog.open(directory, keyring, max_age=30 * 86400, clock=clock)
+    for event in week():
+        log(event)
+    asyncio.run(log.flush())
+    busy = threading.Lock()  # held while a page is made: a second one at once fails
+    made: list[int] = []
+
+    def exclusive(figures: Transparency, *, title: str = "") -> str:
+        assert busy.acquire(blocking=False), "two pages made at once"
+        try:
+            made.append(len(figures.days))
+            time.sleep(0.05)  # long enough for the others to arrive
+            return render_html(figures, title=title)
+        finally:
+            busy.release()
+
+    monkeypatch.setattr(transparency_cli, "render_html", exclusive)
+    provider = make_report_provider(directory, keyring, clock, flush=log.flush)
+
+    async def together() -> list[str]:
+        return await asyncio.gather(*(provider(2) for _ in range(6)))
+
+    pages = asyncio.run(together())
+    assert made == [2]  # the first made it, the other five found it kept
+    assert len(set(pages)) == 1
