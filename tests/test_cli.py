@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,30 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as caught:
         cli.main(["frobnicate"])
     assert caught.value.code == 2
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, str]]:
+    """(``queue hold``, its help line) for every command and sub-command the CLI has;
+    a positional ``action`` with choices (``keys``) counts each choice as a command."""
+    found: list[tuple[str, str]] = []
+    for action in parser._actions:  # argparse keeps sub-parsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, child in action.choices.items():
+                path = f"{prefix}{name}"
+                nested = _command_paths(child, path + " ")
+                found.extend(nested or [(path, helps.get(name, ""))])
+        elif action.dest == "action" and action.choices and prefix:
+            found.extend((f"{prefix}{choice}", "(choice)") for choice in action.choices)
+    return found
+
+
+def test_every_command_has_a_help_line_and_a_row_in_the_readme_operator_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Operator commands", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `mta ")]
+    paths = _command_paths(cli.build_parser())
+    assert len(paths) >= 20, paths
+    for path, help_line in paths:
+        assert help_line.strip(), f"mta {path}: no help line in mta --help"
+        assert any(row.startswith(f"| `mta {path}") for row in rows), f"mta {path}: no README row"
