@@ -48,9 +48,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.allow_root:  # the command line's word for [server] allow_root = true
         cfg = replace(cfg, server=replace(cfg.server, allow_root=True))
     setup_logging(cfg.log.level, cfg.log.format)
-    from mta import app  # imported here: it pulls in the event loop and every I/O module
+    # imported here: they pull in the event loop and every I/O module
+    if cfg.server.workers > 1:
+        from mta import group
 
-    app.run(cfg)
+        group.run(cfg)
+    else:
+        from mta import app
+
+        app.run(cfg)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One relay of a group, started by ``mta run`` (``mta.group``), not by hand."""
+    import socket
+
+    from mta import app, shards
+
+    cfg = _load(args)
+    if args.allow_root:
+        cfg = replace(cfg, server=replace(cfg.server, allow_root=True))
+    setup_logging(cfg.log.level, cfg.log.format)
+    channel = socket.socket(fileno=args.channel)
+    worker = app.Worker(args.shard, channel)
+    app.run(shards.worker_config(cfg, args.shard), worker)
     return EXIT_OK
 
 
@@ -211,7 +233,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     references = key_usage(cfg)
     # Receipts are never re-sealed (their MACs chain the sealed bytes): a key stays
     # until the last receipt file sealed under it has expired.
-    receipts = receipt_log.key_references(receipt_log.receipts_dir(cfg))
+    receipts = receipt_log.key_references(receipt_log.receipt_dirs(cfg))
     if args.action == "prune":
         dropped = keyring.prune(set(references) | set(receipts))
         for key_id in dropped:
@@ -346,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on as root without [server] user (a trial on loopback; never in production)",
     )
     run.set_defaults(func=cmd_run)
+    worker = with_config(sub.add_parser("worker", help="(started by mta run) one relay of a group"))
+    worker.add_argument("--shard", type=int, required=True)
+    worker.add_argument("--channel", type=int, required=True, metavar="FD")
+    worker.add_argument("--allow-root", action="store_true")
+    worker.set_defaults(func=cmd_worker)
 
     queue = sub.add_parser(
         "queue", help="inspect, flush, hold, release, delete or requeue"
