@@ -324,7 +324,11 @@ def _as_read(config: Config) -> Config:
 
 
 async def start(
-    config: Config, *, shape: Callable[[Config], Config] = _as_read, ready: str = "mta.ready"
+    config: Config,
+    *,
+    shape: Callable[[Config], Config] = _as_read,
+    ready: str = "mta.ready",
+    worker: bool = False,
 ) -> Relay:
     """Build and start everything; return once the listeners accept connections.
 
@@ -335,7 +339,9 @@ async def start(
 
     ``shape``: what a worker of a group (``mta.group``) makes of its policy file, read
     again at each reload (its shard as its spool); ``ready``: the line said once the
-    listeners accept (a worker's is not the group's ``mta.ready``).
+    listeners accept (a worker's is not the group's ``mta.ready``); ``worker``: the
+    shard's lock is waited for (``shards.lock_waiting``), as the worker of a group whose
+    supervisor died may still be draining it.
     """
     bound: list[socket.socket] | None = None
     account = privileges.account_for(config, os.geteuid())
@@ -349,7 +355,7 @@ async def start(
             raise
     spool = SpoolDirectory(config.spool.path)
     spool.ensure_dirs()
-    spool_lock = spool.lock()
+    spool_lock = shards.lock_waiting(spool) if worker else spool.lock()
     try:
         if config.spool.path in shards.live_dirs(config):  # not a worker's shard
             shards.adopt(config)
@@ -737,7 +743,7 @@ async def serve(config: Config, worker: Worker | None = None) -> None:
     if worker is None:
         relay = await start(config)
     else:
-        relay = await start(config, shape=worker.shape, ready="mta.worker.ready")
+        relay = await start(config, shape=worker.shape, ready="mta.worker.ready", worker=True)
     # The handlers first: ``mta.ready`` is out, and a signal now must not kill us outright.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

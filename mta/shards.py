@@ -103,7 +103,7 @@ def adopt(config: Config) -> int:
     for source in spool_dirs(config):
         if source in live or not _has_records(source):
             continue
-        lock = _lock_waiting(SpoolDirectory(source))
+        lock = lock_waiting(SpoolDirectory(source))
         try:
             moved += _empty_into(SpoolDirectory(source), [SpoolDirectory(p) for p in live])
         finally:
@@ -125,8 +125,10 @@ def _names(directory: Path) -> list[str]:
         return []
 
 
-def _lock_waiting(spool: SpoolDirectory) -> int:
-    deadline = time.monotonic() + LOCK_WAIT
+def lock_waiting(spool: SpoolDirectory, wait: float = LOCK_WAIT) -> int:
+    """``spool.lock()``, tried again for ``wait`` seconds: a relay of the group before
+    this one (its supervisor gone) may still be draining it."""
+    deadline = time.monotonic() + wait
     while True:
         try:
             return spool.lock()
