@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from mta import __version__, config, control
+from mta import __version__, config, control, shards
 from mta.clock import SystemClock
 from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
@@ -184,17 +184,20 @@ def _rewrap(cfg: config.Config) -> bool:
     knows which records are being delivered), else we do, holding the spool's lock."""
     answer = control.ask(cfg.control_socket, "rewrap", timeout=REWRAP_WAIT)
     if answer is None:
-        spool = SpoolDirectory(cfg.spool.path)
-        if not spool.root.is_dir():
+        if not cfg.spool.path.is_dir():
             print("relay not running; the spool is empty")
             return True
-        lock = spool.lock()  # SpoolError (one line) if a relay has just started
-        try:
-            store = SpoolStore(cfg.spool.path, KeyRing.load(cfg.spool.key_file))
-            done = asyncio.run(store.rewrap())
-        finally:
-            os.close(lock)
-        answer = f"ok rewrapped={done.rewrapped} failed={done.failed}"
+        rewrapped = failed = 0
+        keyring = KeyRing.load(cfg.spool.key_file)
+        for path in shards.spool_dirs(cfg):  # the root and a relay group's shards
+            store = SpoolStore(path, keyring)
+            lock = store.lock()  # SpoolError (one line) if a relay has just started
+            try:
+                done = asyncio.run(store.rewrap())
+            finally:
+                os.close(lock)
+            rewrapped, failed = rewrapped + done.rewrapped, failed + done.failed
+        answer = f"ok rewrapped={rewrapped} failed={failed}"
         print("relay not running; re-wrapped in place")
     if not answer.startswith("ok"):
         print(f"mta: relay answered: {answer}", file=sys.stderr)
@@ -214,16 +217,19 @@ def _rewrap(cfg: config.Config) -> bool:
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keyring = KeyRing.load(cfg.spool.key_file)
-    spool = SpoolDirectory(cfg.spool.path)
+    # The root and a relay group's shards: each has its records and key checks.
+    spools = [SpoolDirectory(path) for path in shards.spool_dirs(cfg)]
     if args.action == "rotate":
         # The start-up rule first: a key file that has lost a key the spool needs is
         # not built on (``mta keys prune`` is the only way to drop a key).
-        verdict = keycheck.assess(keyring.path, keyring.ids(), keyring.get, spool)
-        if verdict.refusal is not None:
-            print(f"mta: {verdict.refusal} (not rotated; restore it)", file=sys.stderr)
-            return EXIT_FAILURE
+        for spool in spools:
+            verdict = keycheck.assess(keyring.path, keyring.ids(), keyring.get, spool)
+            if verdict.refusal is not None:
+                print(f"mta: {verdict.refusal} (not rotated; restore it)", file=sys.stderr)
+                return EXIT_FAILURE
         new_id = keyring.rotate()
-        keycheck.write_checks(spool, [new_id], keyring.get)
+        for spool in spools:
+            keycheck.write_checks(spool, [new_id], keyring.get)
         print(f"new active key {new_id} in {cfg.spool.key_file}")
         if not _reload_keys(cfg):
             return EXIT_FAILURE
@@ -237,7 +243,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "prune":
         dropped = keyring.prune(set(references) | set(receipts))
         for key_id in dropped:
-            keycheck.remove_check(spool, key_id)
+            for spool in spools:
+                keycheck.remove_check(spool, key_id)
         print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
         if dropped and not _reload_keys(cfg):
             return EXIT_FAILURE
