@@ -94,8 +94,9 @@ def holds_records(config: Config) -> bool:
 
 def adopt(config: Config) -> int:
     """Move every record out of directories that are not live into live ones; returns
-    how many files moved. Each retired directory is locked while it is emptied (a
-    relay of the former group may still be draining it: waited for, ``LOCK_WAIT``)."""
+    how many files moved. The caller holds the spool root's lock (a single relay, or a
+    group's supervisor); each retired shard is locked while it is emptied (a relay of
+    the former group may still be draining it: waited for, ``LOCK_WAIT``)."""
     live = live_dirs(config)
     for path in live:
         SpoolDirectory(path).ensure_dirs()
@@ -103,11 +104,12 @@ def adopt(config: Config) -> int:
     for source in spool_dirs(config):
         if source in live or not _has_records(source):
             continue
-        lock = lock_waiting(SpoolDirectory(source))
+        lock = lock_waiting(SpoolDirectory(source)) if source != config.spool.path else -1
         try:
             moved += _empty_into(SpoolDirectory(source), [SpoolDirectory(p) for p in live])
         finally:
-            os.close(lock)
+            if lock >= 0:
+                os.close(lock)
     if moved:
         log.info("spool.adopted", extra={"files": moved, "live": len(live)})
     return moved
