@@ -59,7 +59,12 @@ READY_WAIT: Final = 60.0  # for every worker's first ``ready``
 
 
 class GroupFailed(MtaError):
-    """A worker did not start: the group does not either (its log says why)."""
+    """A worker did not start: the group does not either (the worker said why, on
+    stderr, in its one line); ``status`` is the worker's exit status."""
+
+    def __init__(self, worker: int, status: int) -> None:
+        super().__init__(f"worker {worker} did not start (exit status {status})")
+        self.worker, self.status = worker, status
 
 
 @dataclass
@@ -184,10 +189,12 @@ class Supervisor:
             await self.spawn(slot)
         firsts = [asyncio.create_task(self.until_ready(slot)) for slot in self.slots]
         done = await asyncio.wait_for(asyncio.gather(*firsts), READY_WAIT)
-        failed = [slot.index for slot, ok in zip(self.slots, done, strict=True) if not ok]
+        failed = [slot for slot, ok in zip(self.slots, done, strict=True) if not ok]
         if failed:
+            assert failed[0].proc is not None
+            status = await failed[0].proc.wait()
             await self.stop_all()
-            raise GroupFailed(f"worker {failed[0]} did not start (its error is logged above)")
+            raise GroupFailed(failed[0].index, status)
         self.keepers = [asyncio.create_task(self.keep(slot)) for slot in self.slots]
 
     async def stop_all(self) -> None:
@@ -305,4 +312,8 @@ def run(config: Config) -> None:
     refusal = privileges.root_refusal(config, os.geteuid())
     if refusal is not None:
         raise refusal
-    asyncio.run(supervise(config))
+    try:
+        asyncio.run(supervise(config))
+    except GroupFailed as failed:  # the worker's one line is on stderr already
+        log.error("mta.group.failed", extra={"worker": failed.worker, "status": failed.status})
+        raise SystemExit(failed.status) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_the_group_socket_speaks_for_every_shard(
     reloaded = process.mta("reload")
     assert reloaded.returncode == 0, reloaded.stderr
     assert "workers=2" in reloaded.stdout
+    assert process.proc is not None
+    process.proc.send_signal(signal.SIGHUP)  # as `mta reload`: each worker reloads
+    wait_until(lambda: process.log.count("mta.reloaded") == 4, 20, "SIGHUP's reloads")
     process.workers = 3
     process.write_policy(dead_end())
     refused = process.mta("reload")
@@ -234,3 +238,14 @@ def test_the_worker_count_is_the_cpu_count_unless_set(tmp_path: Path) -> None:
         assert stats(process).get("workers", "1") == str(os.cpu_count() if os.cpu_count() else 1)
     finally:
         process.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_group_with_its_one_line(tmp_path: Path) -> None:
+    process = RelayProcess(tmp_path, dead_end(), workers=2)
+    process.write_policy(dead_end() + '[[listener]]\naddress = "192.0.2.1"\nport = 2525\n')
+    result = process.mta("run")
+    assert result.returncode == 2
+    assert f"mta: {process.policy_file}: listener[1]: cannot listen on 192.0.2.1:2525" in (
+        result.stderr
+    )
+    assert "mta.group.failed worker=" in result.stderr
