@@ -55,7 +55,7 @@ from mta.receive.server import (
     serving_for,
 )
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
-from mta.report.http import MetricsServer, start_http
+from mta.report.http import MetricsServer, parse_days, start_http
 from mta.report.metrics import Metrics
 from mta.report.receipt_log import ReceiptLog, read_events, receipt_dirs, receipts_dir
 from mta.report.tlsrpt_send import TlsReporter, build_reporter
@@ -544,6 +544,8 @@ async def _start(
             if reporter
             else _tlsrpt_off,
             **queue_commands(scheduler, clock),
+            # GET /report of a relay group: its supervisor asks worker 0 (no keys there).
+            "report-page": functools.partial(_report_page, report_page),
         },
     )
     log.info(
@@ -593,6 +595,14 @@ def _after_flush(
 
 async def _flushed(receipts: ReceiptLog) -> str:
     return f"ok {await receipts.flush()}"
+
+
+async def _report_page(make: Callable[[int], Awaitable[str]], argument: str) -> str:
+    try:
+        days = parse_days(argument)
+    except ValueError as err:
+        return f"error {err}"
+    return "ok " + json.dumps(await make(days))
 
 
 def _tlsrpt_off(_argument: str) -> str:

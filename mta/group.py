@@ -18,7 +18,9 @@ workers (``python -m mta worker``) and keeps them running:
 
 The operator's commands go to the group control socket in the spool root and are
 fanned out (``group_control``); ``[metrics] listen`` is the supervisor's, serving the
-workers' merged metrics (``report.group_metrics``) and every shard's receipts.
+workers' merged metrics (``report.group_metrics``) and worker 0's transparency page
+(made from every shard's receipts). The supervisor never opens the spool keys: it
+may run as root, and it reads no mail.
 """
 
 from __future__ import annotations
@@ -38,15 +40,12 @@ from prometheus_client import CollectorRegistry
 
 from mta import app, privileges, shards
 from mta import reload as reloading
-from mta.clock import SystemClock
 from mta.config import DEFAULT_POLICY_NAME, Config
 from mta.errors import ConfigError, KeyFileError, MtaError
 from mta.group_control import GroupControl
 from mta.receive.tls import ensure_self_signed
 from mta.report.group_metrics import GroupCollector
 from mta.report.http import MetricsServer, start_http
-from mta.report.receipt_log import receipt_dirs
-from mta.report.transparency_cli import make_report_provider
 from mta.spool.keys import KeyRing
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,16 @@ def worker_argv(config: Config, index: int, fd: int) -> list[str]:
 def prepare(config: Config) -> int:
     """Before any worker: lock the spool root, adopt retired shards' records, create
     the key file (only for an empty spool, as ``app.open_keyring``) and self-signed
-    certificates, and, as root with ``server.user``, hand the files over. Returns the
+    certificates; as root with ``server.user``, all of it as that user. Returns the
     lock's descriptor."""
+    account = privileges.account_for(config, os.geteuid())
+    if account is not None:  # the data directory and spool made, or given, to the user
+        privileges.hand_over(config, account)
+    with privileges.acting_as(account):
+        return _prepare(config)
+
+
+def _prepare(config: Config) -> int:
     lock = shards.lock_group(config)
     try:
         shards.adopt(config)
@@ -105,9 +112,6 @@ def prepare(config: Config) -> int:
             KeyRing.create(key_file)
         if any(not listener.tls_chains for listener in config.listeners):
             ensure_self_signed(config.home / "tls", app.hostname_of(config))
-        account = privileges.account_for(config, os.geteuid())
-        if account is not None:
-            privileges.hand_over(config, account)
     except BaseException:
         os.close(lock)
         raise
@@ -121,13 +125,11 @@ class Supervisor:
         self.config = config
         self.slots = [Slot(index) for index in range(config.server.workers)]
         self.stopping = asyncio.Event()
-        self.keyring = KeyRing.load(config.spool.key_file)
         self.keepers: list[asyncio.Task[None]] = []
         self.control = GroupControl(
             [shards.worker_config(config, s.index).control_socket for s in self.slots],
             [shards.shard_path(config.spool.path, s.index) for s in self.slots],
             check_reload=self.check_reload,
-            keys_changed=self.keys_changed,
         )
 
     async def spawn(self, slot: Slot) -> None:
@@ -231,29 +233,14 @@ class Supervisor:
         refused = reloading.refusal(self.config, new)
         return None if refused is None else str(refused)
 
-    def keys_changed(self) -> None:
-        """The workers re-read the key file: so do we (``/report`` opens receipts)."""
-        with contextlib.suppress(MtaError, OSError):
-            self.keyring.adopt(KeyRing.load(self.keyring.path))
-
     async def serve_metrics(self) -> MetricsServer | None:
         if not self.config.metrics.enabled:
             return None
         registry = CollectorRegistry(auto_describe=False)
         registry.register(GroupCollector(self.control.sockets))
-        control = self.control
-
-        async def flush() -> None:
-            await control.ask_all("receipts-flush", 30.0)
-
-        page = make_report_provider(
-            receipt_dirs(self.config),
-            self.keyring,
-            SystemClock(),
-            flush=flush,
-            title=f"Transparency report: {app.hostname_of(self.config)}",
+        return await start_http(
+            self.config.metrics, registry, self.control.report_page, source=self.config.source
         )
-        return await start_http(self.config.metrics, registry, page, source=self.config.source)
 
 
 async def supervise(config: Config) -> None:
@@ -264,6 +251,9 @@ async def supervise(config: Config) -> None:
         # A taken metrics port stops the start here, before any worker accepts mail.
         metrics_http = await supervisor.serve_metrics()
         control = await supervisor.control.start(config.control_socket)
+        account = privileges.account_for(config, os.geteuid())
+        if account is not None:  # the operator's commands run as the user (README)
+            os.chown(config.control_socket, account.uid, account.gid)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

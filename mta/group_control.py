@@ -11,6 +11,7 @@ restarted) makes a command that needs every shard fail, one line saying which; o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -112,8 +113,7 @@ class GroupControl:
     """The group socket's commands, asking the workers' sockets ``sockets``.
 
     ``reload``: the supervisor's check of the policy (one line, or None when it may
-    be reloaded) before any worker is asked; ``keys_changed``: told after the workers
-    reloaded their keys (the supervisor reads the ring for ``/report`` too).
+    be reloaded) before any worker is asked.
     """
 
     def __init__(
@@ -122,12 +122,10 @@ class GroupControl:
         shards: Sequence[Path],
         *,
         check_reload: Callable[[], Awaitable[str | None]],
-        keys_changed: Callable[[], None],
     ) -> None:
         self.sockets = list(sockets)
         self.shards = list(shards)
         self.check_reload = check_reload
-        self.keys_changed = keys_changed
 
     async def ask_all(self, line: str, wait: float = 10.0) -> list[str | None]:
         asks = (control.ask_async(path, line, wait) for path in self.sockets)
@@ -161,7 +159,6 @@ class GroupControl:
 
     async def _reload_keys(self) -> str:
         answers = await self.ask_all("reload-keys", RELOAD_WAIT)
-        self.keys_changed()
         return first_failure(answers) or str(answers[0])
 
     async def reload(self) -> str:
@@ -170,7 +167,6 @@ class GroupControl:
         if refused is not None:
             return f"error {refused}"
         answers = await self.ask_all("reload", RELOAD_WAIT)
-        self.keys_changed()
         return first_failure(answers) or f"{answers[0]} workers={len(answers)}"
 
     def _reporter(self, name: str) -> ArgCommand:
@@ -185,6 +181,18 @@ class GroupControl:
             return answer if answer is not None else "error worker 0 is not running; try again"
 
         return command
+
+    async def report_page(self, days: int) -> str:
+        """``GET /report``: worker 0's page, made from every shard's receipts once each
+        worker has written out what it buffers."""
+        await self.ask_all("receipts-flush", 30.0)
+        answer = await control.ask_async(self.sockets[0], f"report-page {days}", REPORT_WAIT)
+        if answer is None or not answer.startswith("ok "):
+            raise RuntimeError(f"worker 0 made no report page: {answer}")
+        page = json.loads(answer[3:])
+        if not isinstance(page, str):
+            raise RuntimeError("worker 0 answered no page")
+        return page
 
     def _change(self, name: str) -> ArgCommand:
         async def command(argument: str) -> str:

@@ -89,6 +89,8 @@ def test_a_group_relays_over_starttls_and_both_workers_take_mail(
         received = re.findall(r"^mta_messages_received_total\{[^}]*\} (\S+)$", text, re.M)
         assert sum(float(v) for v in received) == MESSAGES, text
         assert re.search(r"^mta_group_workers_up 2\.0$", text, re.M), text
+        report = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/report", timeout=30)
+        assert "<html" in report.read().decode()  # worker 0's, from both shards' receipts
         verified = process.mta("receipts", "verify")
         assert verified.returncode == 0, verified.stderr
         assert process.terminate() == 0
