@@ -76,6 +76,9 @@ def test_a_group_relays_over_starttls_and_both_workers_take_mail(
         send_each_on_its_own_connection(process, MESSAGES)
         wait_until(lambda: len(receiver.messages) == MESSAGES, 30, "every message relayed")
         assert all(got.tls_version for got in receiver.messages)  # STARTTLS outbound
+        # Each worker reuses its outbound connections (its own cache): far fewer than one
+        # per message.
+        assert receiver.connections <= 4, receiver.connections
         # Each worker received some (each shard's receipt log has entries).
         for shard in (0, 1):
             receipts = process.home / "spool" / "shards" / str(shard) / "receipts"
