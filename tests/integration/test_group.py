@@ -117,6 +117,10 @@ def test_the_group_socket_speaks_for_every_shard(
     assert len(process.queue()) == MESSAGES
 
     in_shard_1 = queued_in(process, 1)[0]
+    shown = process.mta("queue", "show", in_shard_1, "--body")
+    assert shown.returncode == 0, shown.stderr
+    assert "body" in shown.stdout
+    assert f"queue.show.body qid={in_shard_1}" in process.log  # logged by its worker
     held = process.mta("queue", "hold", in_shard_1)
     assert held.returncode == 0, held.stderr
     assert f"held: {in_shard_1}" in held.stdout
