@@ -33,7 +33,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry
@@ -73,7 +73,6 @@ class Slot:
     index: int
     proc: asyncio.subprocess.Process | None = None
     channel: socket.socket | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def worker_argv(config: Config, index: int, fd: int) -> list[str]:
@@ -146,7 +145,6 @@ class Supervisor:
             theirs.close()
         ours.setblocking(False)
         slot.channel = ours
-        slot.ready.clear()
         log.info("mta.worker.started", extra={"worker": slot.index, "pid": slot.proc.pid})
 
     async def until_ready(self, slot: Slot) -> bool:
@@ -155,7 +153,6 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             if (await loop.sock_recv(slot.channel, 64)).startswith(b"ready"):
-                slot.ready.set()
                 return True
         return False
 
