@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import logging
 import os
 import random
@@ -24,7 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from mta import fdbudget, privileges
+from prometheus_client import generate_latest
+
+from mta import fdbudget, privileges, shards
 from mta import reload as reloading
 from mta.clock import Clock, SystemClock
 from mta.config import DEFAULT_POLICY_NAME, Config, ListenerConfig, load, load_default
@@ -52,9 +55,9 @@ from mta.receive.server import (
     serving_for,
 )
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
-from mta.report.http import MetricsServer, start_http
+from mta.report.http import MetricsServer, parse_days, start_http
 from mta.report.metrics import Metrics
-from mta.report.receipt_log import ReceiptLog, read_events, receipts_dir
+from mta.report.receipt_log import ReceiptLog, read_events, receipt_dirs, receipts_dir
 from mta.report.tlsrpt_send import TlsReporter, build_reporter
 from mta.report.transparency_cli import make_report_provider
 from mta.schedule.scheduler import Scheduler
@@ -316,12 +319,29 @@ def _tls_contexts(
     return (lambda listener: contexts[id(listener)]), created
 
 
-async def start(config: Config) -> Relay:
+def _as_read(config: Config) -> Config:
+    return config
+
+
+async def start(
+    config: Config,
+    *,
+    shape: Callable[[Config], Config] = _as_read,
+    ready: str = "mta.ready",
+    worker: bool = False,
+) -> Relay:
     """Build and start everything; return once the listeners accept connections.
 
     Started as root with ``server.user``, the listeners are bound first and the relay
     becomes that user before anything else (``mta.privileges``). The spool is locked
-    first after that (``SpoolDirectory.lock``): one relay per spool.
+    first after that (``SpoolDirectory.lock``): one relay per spool. A single relay
+    (``workers = 1``) then adopts the records a former group left in its shards.
+
+    ``shape``: what a worker of a group (``mta.group``) makes of its policy file, read
+    again at each reload (its shard as its spool); ``ready``: the line said once the
+    listeners accept (a worker's is not the group's ``mta.ready``); ``worker``: the
+    shard's lock is waited for (``shards.lock_waiting``), as the worker of a group whose
+    supervisor died may still be draining it.
     """
     bound: list[socket.socket] | None = None
     account = privileges.account_for(config, os.geteuid())
@@ -335,9 +355,11 @@ async def start(config: Config) -> Relay:
             raise
     spool = SpoolDirectory(config.spool.path)
     spool.ensure_dirs()
-    spool_lock = spool.lock()
+    spool_lock = shards.lock_waiting(spool) if worker else spool.lock()
     try:
-        relay = await _start(config, bound)
+        if config.spool.path in shards.live_dirs(config):  # not a worker's shard
+            shards.adopt(config)
+        relay = await _start(config, bound, shape=shape, ready=ready)
     except BaseException:
         os.close(spool_lock)
         raise
@@ -379,7 +401,13 @@ def fit_descriptors(config: Config) -> Config:
     )
 
 
-async def _start(config: Config, bound: list[socket.socket] | None = None) -> Relay:
+async def _start(
+    config: Config,
+    bound: list[socket.socket] | None = None,
+    *,
+    shape: Callable[[Config], Config] = _as_read,
+    ready: str = "mta.ready",
+) -> Relay:
     config = fit_descriptors(config)
     hostname = hostname_of(config)
     keys = open_keyring(config, SpoolDirectory(config.spool.path))
@@ -428,7 +456,7 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
     )
     recovered = await scheduler.recover()
     report_page = make_report_provider(  # GET /report: the transparency page
-        receipts_dir(config),
+        receipt_dirs(config),
         keyring,
         clock,
         flush=receipts.flush,
@@ -464,7 +492,7 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             keyring=keyring,
             ssl_context=_sts_context(config),
             mail=accept,
-            source=functools.partial(read_events, receipts_dir(config), keyring),
+            source=functools.partial(read_events, receipt_dirs(config), keyring),
             clock=clock,
         )
         tasks.append(asyncio.create_task(reporter.run(), name="tlsrpt"))
@@ -503,6 +531,8 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             "rewrap": rewrap,
             "ping": lambda: "ok",
             "stats": stats,
+            # The exposition, for a group's supervisor to merge (``report.group_metrics``).
+            "metrics": lambda: "ok " + json.dumps(generate_latest(metrics.registry).decode()),
             "receipts-flush": lambda: _flushed(receipts),
         },
         {
@@ -514,10 +544,12 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
             if reporter
             else _tlsrpt_off,
             **queue_commands(scheduler, clock),
+            # GET /report of a relay group: its supervisor asks worker 0 (no keys there).
+            "report-page": functools.partial(_report_page, report_page),
         },
     )
     log.info(
-        "mta.ready",
+        ready,
         extra={
             "listen": ",".join(f"{lc.address}:{lc.port}/{lc.mode}" for lc in config.listeners),
             "spool": str(config.spool.path),
@@ -529,7 +561,14 @@ async def _start(config: Config, bound: list[socket.socket] | None = None) -> Re
         store, scheduler, events, servers, control, destinations, agent, tasks, sessions=sessions
     )
     reloader = Reloader(
-        relay, config, listeners, hostname=hostname, accept=accept, keyring=keyring, clock=clock
+        relay,
+        config,
+        listeners,
+        hostname=hostname,
+        accept=accept,
+        keyring=keyring,
+        clock=clock,
+        shape=shape,
     )
     relay.reloader = reloader
     relay.metrics_http = metrics_http
@@ -556,6 +595,14 @@ def _after_flush(
 
 async def _flushed(receipts: ReceiptLog) -> str:
     return f"ok {await receipts.flush()}"
+
+
+async def _report_page(make: Callable[[int], Awaitable[str]], argument: str) -> str:
+    try:
+        days = parse_days(argument)
+    except ValueError as err:
+        return f"error {err}"
+    return "ok " + json.dumps(await make(days))
 
 
 def _tlsrpt_off(_argument: str) -> str:
@@ -603,7 +650,9 @@ class Reloader:
         accept: Accept,
         keyring: KeyRing,
         clock: Clock,
+        shape: Callable[[Config], Config] = _as_read,
     ) -> None:
+        self.shape = shape  # a group's worker: its shard, read anew each time
         self.relay = relay
         self.config = config
         self.listeners = listeners
@@ -629,7 +678,7 @@ class Reloader:
 
     def _prepare(self) -> _Next:
         old = self.config
-        new = fit_descriptors(reread(old))
+        new = fit_descriptors(self.shape(reread(old)))
         refused = reloading.refusal(old, new)
         if refused is not None:
             raise refused
@@ -698,14 +747,20 @@ class Reloader:
             self.relay.tasks.append(asyncio.create_task(work, name=name))
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    relay = await start(config)
+async def serve(config: Config, worker: Worker | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. A worker of a group also
+    stops when its supervisor is gone (``Worker``)."""
+    if worker is None:
+        relay = await start(config)
+    else:
+        relay = await start(config, shape=worker.shape, ready="mta.worker.ready", worker=True)
     # The handlers first: ``mta.ready`` is out, and a signal now must not kill us outright.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if worker is not None:
+        worker.attend(loop, stop)
     reloads: set[asyncio.Task[str]] = set()
 
     def hangup() -> None:  # SIGHUP: as ``mta reload`` (its outcome is logged)
@@ -727,15 +782,49 @@ async def serve(config: Config) -> None:
     log.info("mta.stopped")
 
 
-def run(config: Config) -> None:
-    """Entry point for ``mta run``: uvloop where available; never as root unless the
-    policy says whom to become (``server.user``) or ``server.allow_root``."""
+@dataclass
+class Worker:
+    """One relay of a group (``mta.group``): shard ``index``, and ``channel``, its end of
+    a socket pair whose other end only the supervisor holds. The worker says ``ready``
+    on it once it accepts mail; end of file on it means the supervisor is gone (even by
+    SIGKILL), and the worker then shuts down as on SIGTERM."""
+
+    index: int
+    channel: socket.socket
+
+    def shape(self, config: Config) -> Config:
+        return shards.worker_config(config, self.index)
+
+    def attend(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        self.channel.setblocking(False)
+        with contextlib.suppress(OSError):  # the supervisor may be gone already
+            self.channel.send(b"ready\n")
+
+        def readable() -> None:
+            try:
+                data = self.channel.recv(64)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(self.channel.fileno())
+                log.warning("mta.worker.orphaned", extra={"worker": self.index})
+                stop.set()
+
+        loop.add_reader(self.channel.fileno(), readable)
+
+
+def run(config: Config, worker: Worker | None = None) -> None:
+    """Entry point for ``mta run`` (and a group's workers): uvloop where available;
+    never as root unless the policy says whom to become (``server.user``) or
+    ``server.allow_root``."""
     refusal = privileges.root_refusal(config, os.geteuid())
     if refusal is not None:
         raise refusal
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, worker))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, worker))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from mta import __version__, config, control
+from mta import __version__, config, control, shards
 from mta.clock import SystemClock
 from mta.errors import ConfigError, MtaError
 from mta.log import setup as setup_logging
@@ -48,9 +48,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.allow_root:  # the command line's word for [server] allow_root = true
         cfg = replace(cfg, server=replace(cfg.server, allow_root=True))
     setup_logging(cfg.log.level, cfg.log.format)
-    from mta import app  # imported here: it pulls in the event loop and every I/O module
+    # imported here: they pull in the event loop and every I/O module
+    if cfg.server.workers > 1:
+        from mta import group
 
-    app.run(cfg)
+        group.run(cfg)
+    else:
+        from mta import app
+
+        app.run(cfg)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One relay of a group, started by ``mta run`` (``mta.group``), not by hand."""
+    import socket
+
+    from mta import app, shards
+
+    cfg = _load(args)
+    if args.allow_root:
+        cfg = replace(cfg, server=replace(cfg.server, allow_root=True))
+    setup_logging(cfg.log.level, cfg.log.format)
+    channel = socket.socket(fileno=args.channel)
+    worker = app.Worker(args.shard, channel)
+    app.run(shards.worker_config(cfg, args.shard), worker)
     return EXIT_OK
 
 
@@ -162,17 +184,20 @@ def _rewrap(cfg: config.Config) -> bool:
     knows which records are being delivered), else we do, holding the spool's lock."""
     answer = control.ask(cfg.control_socket, "rewrap", timeout=REWRAP_WAIT)
     if answer is None:
-        spool = SpoolDirectory(cfg.spool.path)
-        if not spool.root.is_dir():
+        if not cfg.spool.path.is_dir():
             print("relay not running; the spool is empty")
             return True
-        lock = spool.lock()  # SpoolError (one line) if a relay has just started
-        try:
-            store = SpoolStore(cfg.spool.path, KeyRing.load(cfg.spool.key_file))
-            done = asyncio.run(store.rewrap())
-        finally:
-            os.close(lock)
-        answer = f"ok rewrapped={done.rewrapped} failed={done.failed}"
+        rewrapped = failed = 0
+        keyring = KeyRing.load(cfg.spool.key_file)
+        for path in shards.spool_dirs(cfg):  # the root and a relay group's shards
+            store = SpoolStore(path, keyring)
+            lock = store.lock()  # SpoolError (one line) if a relay has just started
+            try:
+                done = asyncio.run(store.rewrap())
+            finally:
+                os.close(lock)
+            rewrapped, failed = rewrapped + done.rewrapped, failed + done.failed
+        answer = f"ok rewrapped={rewrapped} failed={failed}"
         print("relay not running; re-wrapped in place")
     if not answer.startswith("ok"):
         print(f"mta: relay answered: {answer}", file=sys.stderr)
@@ -192,16 +217,19 @@ def _rewrap(cfg: config.Config) -> bool:
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keyring = KeyRing.load(cfg.spool.key_file)
-    spool = SpoolDirectory(cfg.spool.path)
+    # The root and a relay group's shards: each has its records and key checks.
+    spools = [SpoolDirectory(path) for path in shards.spool_dirs(cfg)]
     if args.action == "rotate":
         # The start-up rule first: a key file that has lost a key the spool needs is
         # not built on (``mta keys prune`` is the only way to drop a key).
-        verdict = keycheck.assess(keyring.path, keyring.ids(), keyring.get, spool)
-        if verdict.refusal is not None:
-            print(f"mta: {verdict.refusal} (not rotated; restore it)", file=sys.stderr)
-            return EXIT_FAILURE
+        for spool in spools:
+            verdict = keycheck.assess(keyring.path, keyring.ids(), keyring.get, spool)
+            if verdict.refusal is not None:
+                print(f"mta: {verdict.refusal} (not rotated; restore it)", file=sys.stderr)
+                return EXIT_FAILURE
         new_id = keyring.rotate()
-        keycheck.write_checks(spool, [new_id], keyring.get)
+        for spool in spools:
+            keycheck.write_checks(spool, [new_id], keyring.get)
         print(f"new active key {new_id} in {cfg.spool.key_file}")
         if not _reload_keys(cfg):
             return EXIT_FAILURE
@@ -211,11 +239,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     references = key_usage(cfg)
     # Receipts are never re-sealed (their MACs chain the sealed bytes): a key stays
     # until the last receipt file sealed under it has expired.
-    receipts = receipt_log.key_references(receipt_log.receipts_dir(cfg))
+    receipts = receipt_log.key_references(receipt_log.receipt_dirs(cfg))
     if args.action == "prune":
         dropped = keyring.prune(set(references) | set(receipts))
         for key_id in dropped:
-            keycheck.remove_check(spool, key_id)
+            for spool in spools:
+                keycheck.remove_check(spool, key_id)
         print(f"dropped {len(dropped)} unreferenced key(s): {' '.join(dropped) or '-'}")
         if dropped and not _reload_keys(cfg):
             return EXIT_FAILURE
@@ -346,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on as root without [server] user (a trial on loopback; never in production)",
     )
     run.set_defaults(func=cmd_run)
+    worker = with_config(sub.add_parser("worker", help="(started by mta run) one relay of a group"))
+    worker.add_argument("--shard", type=int, required=True)
+    worker.add_argument("--channel", type=int, required=True, metavar="FD")
+    worker.add_argument("--allow-root", action="store_true")
+    worker.set_defaults(func=cmd_worker)
 
     queue = sub.add_parser(
         "queue", help="inspect, flush, hold, release, delete or requeue"

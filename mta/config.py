@@ -197,6 +197,9 @@ class ServerConfig:
 
     user: str = ""  # started as root: bind the listeners, then become this user
     allow_root: bool = False  # run on as root without ``user`` (refused otherwise)
+    # relay processes, each owning a spool shard (``mta.group``); 1: one process, as ever.
+    # A policy file that leaves it out gets ``default_workers()`` (one per CPU).
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,12 +699,26 @@ def validate(
     )
 
 
+def default_workers() -> int:
+    """``[server] workers`` when unset: one relay process per CPU."""
+    return os.cpu_count() or 1
+
+
+MAX_WORKERS: Final = 256
+
+
 def _server(table: _Table) -> ServerConfig:
-    """``[server]``: a user name as ``getpwnam`` takes it (looked up when the relay starts)."""
+    """``[server]``: a user name as ``getpwnam`` takes it (looked up when the relay starts);
+    ``workers`` from 1 to ``MAX_WORKERS``."""
     user = table.get("user", str, "")
     if user and not _USER.fullmatch(user):
         raise table.error("user", f"expected a user name like mta, got {user!r}")
-    config = ServerConfig(user=user, allow_root=table.get("allow_root", bool, False))
+    workers = table.get("workers", int, default_workers())
+    if not 1 <= workers <= MAX_WORKERS:
+        raise table.error("workers", f"expected 1 to {MAX_WORKERS} processes, got {workers}")
+    config = ServerConfig(
+        user=user, allow_root=table.get("allow_root", bool, False), workers=workers
+    )
     table.done()
     return config
 

@@ -125,8 +125,13 @@ async def _ask(path: Path, command: str, wait: float) -> str:
 def ask(path: Path, command: str, timeout: float = 10.0) -> str | None:
     """Send one command to a running relay; ``None`` when no relay is listening, an
     ``error ...`` answer when one took the connection and dropped it unanswered."""
+    return asyncio.run(ask_async(path, command, timeout))
+
+
+async def ask_async(path: Path, command: str, wait: float = 10.0) -> str | None:
+    """``ask`` on a running event loop (a relay group's supervisor asks its workers)."""
     try:
-        return asyncio.run(_ask(path, command, timeout))
+        return await _ask(path, command, wait)
     except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
         return None
     except (ConnectionError, OSError) as err:

@@ -20,6 +20,7 @@ shared); it must be writable by the user, which is checked after the switch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -139,6 +140,24 @@ def check_home(config: Config, account: Account) -> None:
             f"{config.home}: the data directory is not writable by {account.name} "
             f"(chown {account.name} {config.home}, or set MTA_HOME)",
         )
+
+
+@contextlib.contextmanager
+def acting_as(account: Account | None) -> Iterator[None]:
+    """For a while, as root: ``account``'s effective uid and gid (root's real and saved
+    ones are kept, to come back). What a relay group's supervisor does to its files: it
+    stays root to start its workers (which bind, then ``drop``), like Postfix's master,
+    but makes the spool and the key file as the user they belong to."""
+    if account is None:
+        yield
+        return
+    os.setegid(account.gid)
+    os.seteuid(account.uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 def become(config: Config, account: Account) -> None:

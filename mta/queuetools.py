@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from mta import control
+from mta import control, shards
 from mta.clock import Clock
 from mta.config import Config
 from mta.control import ArgCommand
@@ -136,15 +136,24 @@ async def _apply_offline(
 
 
 def _offline(config: Config, work: Callable[[SpoolStore], Picked]) -> Picked:
-    """Run ``work`` on the spool under its lock (``SpoolError`` if a relay holds it)."""
-    store = SpoolStore(config.spool.path, KeyRing.load(config.spool.key_file))
-    if not store.root.is_dir():
-        return work(store)  # nothing was ever queued: nothing to lock
-    lock = store.lock()
-    try:
-        return work(store)
-    finally:
-        os.close(lock)
+    """Run ``work`` on each spool directory (the root, a group's shards) under its lock
+    (``SpoolError`` if a relay holds it); what each did, together. A queue id is
+    missing only if no directory holds it."""
+    keyring = KeyRing.load(config.spool.key_file)
+    each: list[Picked] = []
+    for path in shards.spool_dirs(config):
+        store = SpoolStore(path, keyring)
+        if not store.root.is_dir():
+            each.append(work(store))  # nothing was ever queued: nothing to lock
+            continue
+        lock = store.lock()
+        try:
+            each.append(work(store))
+        finally:
+            os.close(lock)
+    missing = tuple(n for n in each[0].missing if all(n in p.missing for p in each))
+    chosen = tuple(q for p in each for q in p.chosen)
+    return Picked(chosen, missing, tuple(q for p in each for q in p.skipped))
 
 
 # --- the commands ---
@@ -207,10 +216,16 @@ async def _read(store: SpoolStore, qid: QueueId) -> tuple[Envelope, bytes, Messa
 def show(config: Config, qid: QueueId, *, as_json: bool, body: bool) -> bool:
     """``mta queue show QID``; False (and says why) when it is not queued or the body's
     decryption could not be logged."""
-    store = SpoolStore(config.spool.path, KeyRing.load(config.spool.key_file))
-    if qid not in store.queue_ids():
+    keyring = KeyRing.load(config.spool.key_file)
+    holding = [
+        store
+        for store in (SpoolStore(path, keyring) for path in shards.spool_dirs(config))
+        if qid in store.queue_ids()
+    ]
+    if not holding:
         print(f"mta: {qid}: not in the queue", file=sys.stderr)
         return False
+    store = holding[0]
     try:
         envelope, content, state = asyncio.run(_read(store, qid))
     except MtaError as err:

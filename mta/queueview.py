@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mta import shards
 from mta.config import Config
 from mta.errors import SpoolCorrupt, SpoolError
 from mta.model import QueueId
@@ -25,10 +26,6 @@ from mta.schedule.state import (
 )
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
-
-
-def _store(config: Config) -> SpoolStore:
-    return SpoolStore(config.spool.path, KeyRing.load(config.spool.key_file))
 
 
 async def stored_state(store: SpoolStore, qid: QueueId) -> MessageState | None:
@@ -51,32 +48,42 @@ async def stored_state(store: SpoolStore, qid: QueueId) -> MessageState | None:
     return initial_state(envelope)
 
 
+def _stores(config: Config) -> list[SpoolStore]:
+    """A store for every spool directory: the root and a relay group's shards."""
+    keyring = KeyRing.load(config.spool.key_file)
+    return [SpoolStore(path, keyring) for path in shards.spool_dirs(config)]
+
+
 async def list_queue(config: Config, now: float) -> list[QueueEntry]:
-    """Every queued message, oldest first."""
-    store = _store(config)
+    """Every queued message (of every shard), oldest first."""
     entries = []
-    for qid in store.queue_ids():
-        state = await stored_state(store, qid)
-        if state is not None:
-            entries.append(queue_entry(qid, state, now))
-    return entries
+    for store in _stores(config):
+        for qid in store.queue_ids():
+            state = await stored_state(store, qid)
+            if state is not None:
+                entries.append(queue_entry(qid, state, now))
+    return sorted(entries, key=lambda entry: -entry.age)
 
 
 async def flush_offline(config: Config, now: float) -> int:
     """Make every pending recipient due now, for a relay that is not running."""
-    store = _store(config)
     count = 0
-    for qid in store.queue_ids():
-        state = await stored_state(store, qid)
-        if state is not None and state.pending and not state.held:
-            await store.write_state(qid, encode_state(state.flush(now)))
-            count += 1
+    for store in _stores(config):
+        for qid in store.queue_ids():
+            state = await stored_state(store, qid)
+            if state is not None and state.pending and not state.held:
+                await store.write_state(qid, encode_state(state.flush(now)))
+                count += 1
     return count
 
 
 def key_usage(config: Config) -> dict[str, int]:
-    """Key id -> spool records sealed under it (headers only; no key needed)."""
-    return SpoolDirectory(config.spool.path).key_references()
+    """Key id -> spool records sealed under it, in every shard (headers only)."""
+    counts: dict[str, int] = {}
+    for path in shards.spool_dirs(config):
+        for key_id, count in SpoolDirectory(path).key_references().items():
+            counts[key_id] = counts.get(key_id, 0) + count
+    return counts
 
 
 def when_text(moment: float | None, now: float) -> str:

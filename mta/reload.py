@@ -28,6 +28,7 @@ RESTART_ONLY: Final[tuple[tuple[str, Callable[[Config], object]], ...]] = (
     ("spool.path", lambda c: c.spool.path),  # the spool lock and the control socket
     ("spool.key_file", lambda c: c.spool.key_file),
     ("server.user", lambda c: c.server.user),
+    ("server.workers", lambda c: c.server.workers),  # the processes and their spool shards
     ("hostname", lambda c: c.hostname),
     ("outbound.max_connections", lambda c: c.outbound.max_connections),
     ("log", lambda c: c.log),

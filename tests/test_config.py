@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,9 @@ def test_empty_file_gives_defaults() -> None:
         ('[log]\nlevel = "LOUD"', "test.toml: log.level: expected DEBUG"),
         ("[spool", "test.toml: (syntax):"),
         ("[[listener]]\nport = true", "test.toml: listener[0].port: expected an integer, got True"),
+        ("[server]\nworkers = 0", "test.toml: server.workers: expected 1 to 256 processes, got 0"),
+        ("[server]\nworkers = 1000", "test.toml: server.workers: expected 1 to 256"),
+        ('[server]\nworkers = "4"', "test.toml: server.workers: expected an integer"),
     ],
 )
 def test_errors_are_one_line_naming_file_and_key(text: str, message: str) -> None:
@@ -360,3 +364,9 @@ def test_tlsrpt_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(text)
     assert str(caught.value).startswith(message)
+
+
+def test_workers_default_to_one_per_cpu_and_take_a_number() -> None:
+    assert parse("").server.workers == (os.cpu_count() or 1)
+    assert parse("[server]\nworkers = 3").server.workers == 3
+    assert parse("[server]\nworkers = 1").server.workers == 1

@@ -30,8 +30,9 @@ def parse(text: str) -> config.Config:
 
 
 def test_server_defaults_run_as_whoever_started_it() -> None:
-    assert config.load_default(HOME).server == config.ServerConfig(user="", allow_root=False)
-    cfg = parse('[server]\nuser = "mta"\nallow_root = true\n')
+    default = config.ServerConfig(user="", allow_root=False, workers=config.default_workers())
+    assert config.load_default(HOME).server == default
+    cfg = parse('[server]\nuser = "mta"\nallow_root = true\nworkers = 1\n')
     assert cfg.server == config.ServerConfig(user="mta", allow_root=True)
 
 

@@ -851,12 +851,18 @@ class Listener:
 def bind_listener(config: Config, index: int) -> socket.socket:
     """A socket bound to ``config.listeners[index]``'s address, not yet listening: the
     kernel accepts no connection on it until ``start_listeners`` listens. Bound before
-    the relay gives up root (``mta.privileges``); ``ConfigError`` names the listener."""
+    the relay gives up root (``mta.privileges``); ``ConfigError`` names the listener.
+
+    In a relay group (``server.workers`` > 1) every worker binds the same address with
+    SO_REUSEPORT, and the kernel spreads new connections over those listening; a
+    single relay does not, so a port another process holds stays an error."""
     listener = config.listeners[index]
     family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.server.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:  # as asyncio does: [::] is not 0.0.0.0 too
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((listener.address, listener.port))

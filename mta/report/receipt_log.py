@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from mta import control
+from mta import control, shards
 from mta import durable as _files
 from mta.clock import Clock
 from mta.config import Config
@@ -71,6 +72,21 @@ _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 def receipts_dir(config: Config) -> Path:
     """Where the receipt files are: beside the queue, sealed under the same keys."""
     return config.spool.path / "receipts"
+
+
+Directories = Path | Sequence[Path]
+"""One receipt directory, or several read as one log (a relay group's shards)."""
+
+
+def receipt_dirs(config: Config) -> list[Path]:
+    """Every receipt directory of the relay or relay group ``config`` belongs to: the
+    spool root's and each shard's (``mta.shards``), each its own chain. A worker's
+    configuration names its shard; the group's directories are read all the same."""
+    return [receipts_dir(c) for c in shards.spool_configs(shards.group_config(config))]
+
+
+def _dirs(directories: Directories) -> list[Path]:
+    return [directories] if isinstance(directories, Path) else list(directories)
 
 
 def day_name(moment: float) -> str:
@@ -283,13 +299,21 @@ def expire(directory: Path, keep_from: str) -> list[str]:
 # --- reading ---
 
 
-def read_events(directory: Path, keyring: KeyRing, start: float, end: float) -> Iterator[Event]:
-    """The stored events with ``start <= at < end`` (epoch seconds), oldest first.
+def read_events(
+    directories: Directories, keyring: KeyRing, start: float, end: float
+) -> Iterator[Event]:
+    """The stored events with ``start <= at < end`` (epoch seconds), oldest first
+    (several directories: merged by time).
 
     Reads only the files that can hold them (an event is in the file of its day or a
     later one). Entries are authenticated one by one; the chain is ``verify``'s job.
     A torn tail ends a file quietly; damage is logged and the file left there.
     """
+    each = [_read_one(d, keyring, start, end) for d in _dirs(directories)]
+    return each[0] if len(each) == 1 else heapq.merge(*each, key=lambda event: event.at)
+
+
+def _read_one(directory: Path, keyring: KeyRing, start: float, end: float) -> Iterator[Event]:
     first = day_name(start)
     after = (datetime.fromtimestamp(end, UTC).date() + timedelta(days=1)).isoformat()
     for name in day_files(directory):
@@ -299,11 +323,15 @@ def read_events(directory: Path, keyring: KeyRing, start: float, end: float) -> 
                     yield event
 
 
-def events_for(directory: Path, keyring: KeyRing, qid: str) -> Iterator[Event]:
+def events_for(directories: Directories, keyring: KeyRing, qid: str) -> Iterator[Event]:
     """Every stored event of one message, oldest first (headers say whose: only its
-    entries are opened)."""
-    for name in day_files(directory):
-        yield from _file_events(directory / name, keyring, qid)
+    entries are opened). A message's events are all in its shard's directory, unless
+    it was adopted by another shard: then merged by time."""
+    each = [
+        (event for name in day_files(d) for event in _file_events(d / name, keyring, qid))
+        for d in _dirs(directories)
+    ]
+    return heapq.merge(*each, key=lambda event: event.at)
 
 
 def _file_events(path: Path, keyring: KeyRing, qid: str | None = None) -> Iterator[Event]:
@@ -329,11 +357,11 @@ def _file_events(path: Path, keyring: KeyRing, qid: str | None = None) -> Iterat
             yield opened.event
 
 
-def key_references(directory: Path) -> dict[str, int]:
+def key_references(directories: Directories) -> dict[str, int]:
     """Key id -> receipt entries sealed under it (headers only): ``mta keys prune``
     keeps these keys until their files expire."""
     counts: dict[str, int] = {}
-    for name in day_files(directory):
+    for directory, name in ((d, n) for d in _dirs(directories) for n in day_files(d)):
         for item in _frames(directory / name):
             if isinstance(item, Frame):
                 with contextlib.suppress(RecordError):

@@ -18,7 +18,7 @@ from mta.config import Config
 from mta.events import DeliveryAttempt, Event, MessageReceived, encode_event
 from mta.model import HostPolicy, SessionRecord, TlsInfo
 from mta.reply import SmtpReply
-from mta.report.receipt_log import events_for, flush_running, receipts_dir, verify
+from mta.report.receipt_log import events_for, flush_running, receipt_dirs, verify
 from mta.spool.keys import KeyRing
 
 EXIT_OK = 0
@@ -27,7 +27,7 @@ EXIT_FAILURE = 1
 
 def show(cfg: Config, qid: str, *, as_json: bool) -> int:
     flush_running(cfg)
-    events = list(events_for(receipts_dir(cfg), KeyRing.load(cfg.spool.key_file), qid))
+    events = list(events_for(receipt_dirs(cfg), KeyRing.load(cfg.spool.key_file), qid))
     if as_json:
         print(json.dumps({"qid": qid, "events": [encode_event(e) for e in events]}, indent=2))
         return EXIT_OK
@@ -40,14 +40,16 @@ def show(cfg: Config, qid: str, *, as_json: bool) -> int:
 
 def check(cfg: Config) -> int:
     flush_running(cfg)
-    directory = receipts_dir(cfg)
     keyring = KeyRing.load(cfg.spool.key_file)
-    verdict = verify(directory, keyring, now=time.time(), max_age=cfg.receipts.max_age)
-    if verdict.bad is not None:
-        bad = verdict.bad
-        print(f"mta: {directory / bad.file}: entry {bad.entry}: {bad.problem}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"ok: {verdict.entries} entries in {verdict.files} files")
+    entries = files = 0
+    for directory in receipt_dirs(cfg):  # one chain per shard of a relay group
+        verdict = verify(directory, keyring, now=time.time(), max_age=cfg.receipts.max_age)
+        if verdict.bad is not None:
+            bad = verdict.bad
+            print(f"mta: {directory / bad.file}: entry {bad.entry}: {bad.problem}", file=sys.stderr)
+            return EXIT_FAILURE
+        entries, files = entries + verdict.entries, files + verdict.files
+    print(f"ok: {entries} entries in {files} files")
     return EXIT_OK
 
 

@@ -22,7 +22,13 @@ from typing import Final
 
 from mta.clock import Clock
 from mta.config import Config
-from mta.report.receipt_log import day_files, flush_running, read_events, receipts_dir
+from mta.report.receipt_log import (
+    Directories,
+    day_files,
+    flush_running,
+    read_events,
+    receipt_dirs,
+)
 from mta.report.transparency import build, period
 from mta.report.transparency_html import render_html
 from mta.spool.keys import KeyRing
@@ -34,7 +40,7 @@ CACHED_PAGES: Final = 4  # pages kept by ``GET /report`` (one per ``days`` asked
 
 
 def render_page(
-    directory: Path, keyring: KeyRing, *, now: float, days: int, title: str = ""
+    directory: Directories, keyring: KeyRing, *, now: float, days: int, title: str = ""
 ) -> str:
     """The page for the ``days`` UTC days up to ``now``, from the receipt files."""
     start, end = period(now, days)
@@ -44,7 +50,7 @@ def render_page(
 
 
 def make_report_provider(
-    directory: Path,
+    directory: Directories,
     keyring: KeyRing,
     clock: Clock,
     *,
@@ -83,16 +89,17 @@ def make_report_provider(
 LogState = tuple[tuple[str, int, int], ...]
 
 
-def log_state(directory: Path) -> LogState:
+def log_state(directories: Directories) -> LogState:
     """The receipt files as they are now: (name, size, mtime in ns) each. The files are
     only appended to, cut at a torn tail, or removed: any change shows here."""
     state = []
-    for name in day_files(directory):
+    each = [directories] if isinstance(directories, Path) else directories
+    for directory, name in ((d, n) for d in each for n in day_files(d)):
         try:
             stat = (directory / name).stat()
         except FileNotFoundError:
             continue  # expired while we looked
-        state.append((name, stat.st_size, stat.st_mtime_ns))
+        state.append((str(directory / name), stat.st_size, stat.st_mtime_ns))
     return tuple(state)
 
 
@@ -128,7 +135,7 @@ def run(cfg: Config, days: int, out: Path | None) -> int:
     """``mta report``: the page on stdout, or written to ``out`` (renamed into place)."""
     flush_running(cfg)
     page = render_page(
-        receipts_dir(cfg),
+        receipt_dirs(cfg),
         KeyRing.load(cfg.spool.key_file),
         now=time.time(),
         days=days,

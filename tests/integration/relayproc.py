@@ -96,8 +96,12 @@ class RelayProcess:
         nofile: int | None = None,
         server: str = "allow_root = true",
         run_args: tuple[str, ...] = (),
+        workers: int = 1,
     ) -> None:
         self.run_args = run_args  # more arguments for ``mta run``
+        # [server] workers: 1 unless the test is about a relay group (``mta.group``), so
+        # tests of one thing see one process whatever the machine's CPU count.
+        self.workers = workers
         self.listener = listener  # extra keys for our [[listener]] table
         # The [server] table: tests run as root, which `mta run` refuses unless told.
         self.server = server
@@ -115,7 +119,10 @@ class RelayProcess:
         # The metrics listener is off unless the test asks for it: relays run side by
         # side here, and the default port (9464) is one port.
         metrics = "" if "[metrics]" in policy else '[metrics]\nlisten = ""\n\n'
-        self.policy_file.write_text(f"[server]\n{self.server}\n\n{listener}{metrics}{policy}")
+        server = (
+            self.server if "workers" in self.server else f"{self.server}\nworkers = {self.workers}"
+        )
+        self.policy_file.write_text(f"[server]\n{server}\n\n{listener}{metrics}{policy}")
 
     @property
     def log(self) -> str:
@@ -138,6 +145,7 @@ class RelayProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=self._limits if self.nofile is not None else None,
+                start_new_session=True,  # its own process group: a group's workers too
             )
         deadline = time.monotonic() + READY_TIMEOUT
         while "mta.ready" not in self.log[mark:]:
@@ -154,9 +162,36 @@ class RelayProcess:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self) -> None:
+        """SIGKILL to the ``mta run`` process (a group's supervisor: its workers drain)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def kill9_all(self) -> None:
+        """SIGKILL to every process of the relay (a group's supervisor and workers)."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def worker_pids(self) -> dict[int, int]:
+        """A group's running workers: shard -> pid (the supervisor's children)."""
+        assert self.proc is not None
+        found: dict[int, int] = {}
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError):
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"worker" in argv:
+                        found[int(argv[argv.index(b"--shard") + 1])] = int(pid)
+        return found
+
+    def kill9_worker(self, shard: int) -> None:
+        """SIGKILL to worker ``shard`` of a group (its supervisor starts it again)."""
+        pid = self.worker_pids()[shard]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: self.worker_pids().get(shard) != pid, 10, f"worker {shard} gone")
 
     def terminate(self, timeout: float = 40) -> int:
         assert self.proc is not None
@@ -164,8 +199,11 @@ class RelayProcess:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):  # a group's workers too
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait(timeout=10)
 
     def mta(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -195,6 +233,13 @@ class RelayProcess:
 
     def spool_files(self) -> list[Path]:
         return sorted(p for p in (self.home / "spool").rglob("*") if p.is_file())
+
+    def spooled(self, kind: str = "msg") -> list[Path]:
+        """The files in every ``kind`` directory (msg, tmp, state) of the spool: the
+        root's and each shard's of a relay group."""
+        spool = self.home / "spool"
+        dirs = [spool / kind, *(spool / "shards").glob(f"*/{kind}")]
+        return sorted(p for d in dirs if d.is_dir() for p in d.iterdir())
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:

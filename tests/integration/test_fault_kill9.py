@@ -3,11 +3,14 @@
 Several client sessions send a bounded load of small messages over STARTTLS to the
 relay process, which relays them over STARTTLS to a receiving server. Meanwhile the
 test kills the relay with SIGKILL two or three times, at random moments, and starts it
-again on the same spool each time. Every message carries a unique token in its
-Message-ID. The clients record each token that got ``250``; at the end every one of
-them must have reached the receiver. A token may arrive twice only if the relay was
-killed between the two arrivals (it was in flight: delivered, but not yet removed from
-the spool), never otherwise, and nothing arrives that no client sent.
+again on the same spool each time. Against a relay group (``[server] workers = 2``)
+the test kills each worker in turn (the supervisor starts it again), or the
+supervisor (its workers drain; the test starts the group again), or every process.
+Every message carries a unique token in its Message-ID. The clients record each token
+that got ``250``; at the end every one of them must have reached the receiver. A token
+may arrive twice only if the relay (or the group's worker) was killed between the two
+arrivals (it was in flight: delivered, but not yet removed from the spool), never
+otherwise, and nothing arrives that no client sent.
 
 The random moments come from a seed printed with the figures (``-s`` shows them), so
 a failing run can be replayed: ``MTA_KILL9_SEED=<seed> pytest ...``.
@@ -142,10 +145,40 @@ def relay(tmp_path: Path) -> Iterator[list[RelayProcess]]:
         process.stop()
 
 
+def kill(process: RelayProcess, target: str, number: int) -> None:
+    """SIGKILL what ``target`` names: the single relay, a group's worker (each in turn;
+    its supervisor starts it again), a group's supervisor (its workers drain), or every
+    process of a group at once."""
+    if target == "worker":
+        process.kill9_worker(number % 2)
+    elif target == "all":
+        process.kill9_all()
+    else:
+        process.kill9()
+
+
+def recover(process: RelayProcess, target: str, number: int) -> None:
+    """Start the relay again, or, for a worker, wait for its supervisor to have."""
+    if target != "worker":
+        process.start()
+        return
+    wait_until(
+        lambda: (
+            process.log.count("mta.worker.restarted") > number and len(process.worker_pids()) == 2
+        ),
+        20,
+        "the supervisor to start the killed worker again",
+    )
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("target", "workers"),
+    [("relay", 1), ("worker", 2), ("supervisor", 2), ("all", 2)],
+)
 def test_kill9_under_load_loses_no_acknowledged_message(
-    tls_ca: trustme.CA, tmp_path: Path, relay: list[RelayProcess]
+    tls_ca: trustme.CA, tmp_path: Path, relay: list[RelayProcess], target: str, workers: int
 ) -> None:
     seed = int(os.environ.get("MTA_KILL9_SEED") or random.SystemRandom().randrange(1 << 32))
     rand = random.Random(seed)
@@ -156,7 +189,7 @@ def test_kill9_under_load_loses_no_acknowledged_message(
     jitters = [rand.uniform(0.0, 0.05) for _ in range(kills)]
 
     with Receiver("127.0.0.150", tls="fs", ca=tls_ca) as receiver:
-        process = RelayProcess(tmp_path, policy(f"[127.0.0.150]:{receiver.port}"))
+        process = RelayProcess(tmp_path, policy(f"[127.0.0.150]:{receiver.port}"), workers=workers)
         relay.append(process)
         process.start()
         load = Load(MESSAGES)
@@ -168,18 +201,26 @@ def test_kill9_under_load_loses_no_acknowledged_message(
         started = time.monotonic()
         for thread in threads:
             thread.start()
-        marks: list[int] = []  # arrivals counted before each restart
+            # Arrivals counted at each kill and once what the killed process sent is in
+        # (one count for a whole relay: taken once nothing more arrives).
+        marks: list[tuple[int, int]] = []
         try:
-            for threshold, jitter in zip(thresholds, jitters, strict=True):
+            for number, (threshold, jitter) in enumerate(zip(thresholds, jitters, strict=True)):
                 wait_until(
                     lambda t=threshold: load.acked_count >= t,  # type: ignore[misc]
                     LOAD_DEADLINE,
                     f"{threshold} acknowledged messages",
                 )
                 time.sleep(jitter)
-                process.kill9()
-                marks.append(settle(receiver))
-                process.start()
+                at_kill = len(receiver.messages)
+                kill(process, target, number)
+                if target == "worker":  # the other worker goes on delivering meanwhile
+                    time.sleep(SETTLE)
+                    marks.append((at_kill, len(receiver.messages)))
+                else:
+                    settled = settle(receiver)
+                    marks.append((settled, settled))
+                recover(process, target, number)
             for thread in threads:
                 thread.join(LOAD_DEADLINE)
         finally:
@@ -195,10 +236,9 @@ def test_kill9_under_load_loses_no_acknowledged_message(
         flushed = process.mta("queue", "flush")
         assert flushed.returncode == 0, flushed.stderr
         acked = set(load.acked)
-        spool = process.home / "spool"
         with contextlib.suppress(AssertionError):  # the counts below say what is missing
             wait_until(
-                lambda: acked <= set(tokens_of(receiver)) and not any((spool / "msg").iterdir()),
+                lambda: acked <= set(tokens_of(receiver)) and not process.spooled("msg"),
                 DRAIN_TIMEOUT,
                 "every acknowledged message at the receiver, and the spool drained",
             )
@@ -208,7 +248,7 @@ def test_kill9_under_load_loses_no_acknowledged_message(
     counts = Counter(arrivals)
     duplicates = {token: n for token, n in counts.items() if n > 1}
     figures = (
-        f"seed={seed} kills={kills} at acked={thresholds} load={load_seconds:.1f}s "
+        f"target={target} seed={seed} kills={kills} at acked={thresholds} load={load_seconds:.1f}s "
         f"acked={len(acked)} unacked={len(load.unacked)} arrived={len(counts)} "
         f"arrivals={len(arrivals)} duplicates={len(duplicates)} "
         f"unacked_arrived={len(set(load.unacked) & set(counts))} "
@@ -226,12 +266,12 @@ def test_kill9_under_load_loses_no_acknowledged_message(
     for token in duplicates:
         seen = positions[token]
         for first, again in itertools.pairwise(seen):
-            assert any(first < mark <= again for mark in marks), (
+            assert any(first < sent_in and at_kill <= again for at_kill, sent_in in marks), (
                 f"{token} arrived at {first} and again at {again} with no kill between "
                 f"(kills after arrivals {marks}; {figures})"
             )
     # At most the deliveries in flight at each kill (outbound.max_connections = 100).
     assert len(duplicates) <= 100 * kills, figures
     # Everything delivered has left the spool, and no half-written record stayed.
-    assert not any((spool / "msg").iterdir()), figures
-    assert not any((spool / "tmp").iterdir()), figures
+    assert not process.spooled("msg"), figures
+    assert not process.spooled("tmp"), figures

@@ -35,17 +35,25 @@ def relays(tmp_path: Path) -> Iterator[list[RelayProcess]]:
         relay.stop()
 
 
-def make_relay(relays: list[RelayProcess], tmp_path: Path, text: str) -> RelayProcess:
-    relay = RelayProcess(tmp_path, text)
+def make_relay(
+    relays: list[RelayProcess], tmp_path: Path, text: str, workers: int = 1
+) -> RelayProcess:
+    relay = RelayProcess(tmp_path, text, workers=workers)
     relays.append(relay)
     return relay
 
 
+# The guarantees hold for a relay group too (``[server] workers = 2``, ``mta.group``).
+BOTH = pytest.mark.parametrize("workers", [1, 2], ids=["relay", "group"])
+
+
+@BOTH
 def test_relays_over_tls_with_received_line(
-    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
+    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
     with Receiver("127.0.0.2", tls="fs", ca=tls_ca) as receiver:
-        relay = make_relay(relays, tmp_path, policy(f"[127.0.0.2]:{receiver.port}")).start()
+        relay = make_relay(relays, tmp_path, policy(f"[127.0.0.2]:{receiver.port}"), workers)
+        relay.start()
         relay.send(SENDER, ["bob@dest.test"], message())
         (got,) = receiver.wait_for(1, timeout=20)
     assert got.rcpt_tos == ["bob@dest.test"]
@@ -124,12 +132,14 @@ def test_may_sends_in_clear_only_without_starttls(
     assert secure.rcpt_tos == ["dave@tls.test"]
 
 
+@BOTH
 def test_no_plaintext_on_disk_or_in_logs(
-    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
+    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
     token = uuid.uuid4().hex
     with Receiver("127.0.0.7", tls="none", ca=tls_ca) as receiver:
-        relay = make_relay(relays, tmp_path, policy(f"[127.0.0.7]:{receiver.port}")).start()
+        relay = make_relay(relays, tmp_path, policy(f"[127.0.0.7]:{receiver.port}"), workers)
+        relay.start()
         sender, rcpt = f"s{token}@sender.test", f"r{token}@dest.test"
         relay.send(
             sender, [rcpt], message(subject=f"subj {token}", body=f"body {token}", rcpt=rcpt)
@@ -180,8 +190,9 @@ def test_flipped_byte_quarantines_one_message_and_delivers_others(
     assert "quarantine" in relay.log
 
 
+@BOTH
 def test_kill9_after_250_loses_nothing(
-    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
+    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
     # First life: the next hop accepts TCP but never answers, so delivery is in flight at the kill.
     import socket
@@ -189,9 +200,10 @@ def test_kill9_after_250_loses_nothing(
     tarpit = socket.socket()
     tarpit.bind(("127.0.0.9", 0))
     tarpit.listen(8)
-    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.9]:{tarpit.getsockname()[1]}")).start()
+    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.9]:{tarpit.getsockname()[1]}"), workers)
+    relay.start()
     relay.send(SENDER, ["bob@dest.test"], message(body="survives kill -9"))
-    relay.kill9()
+    relay.kill9_all()  # a group's workers too (their supervisor alone: test_fault_kill9)
     tarpit.close()
     with Receiver("127.0.0.9", tls="fs", ca=tls_ca) as receiver:
         relay.write_policy(policy(f"[127.0.0.9]:{receiver.port}"))
@@ -215,10 +227,12 @@ def test_flush_retries_deferred_mail_while_running(
     wait_until(lambda: not relay.queue(), 10, "the queue to empty")
 
 
+@BOTH
 def test_sigterm_exits_cleanly_and_keeps_the_queue(
-    tmp_path: Path, relays: list[RelayProcess]
+    tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
-    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.11]:{free_port('127.0.0.11')}")).start()
+    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.11]:{free_port('127.0.0.11')}"), workers)
+    relay.start()
     relay.send(SENDER, ["bob@dest.test"], message())
     assert relay.terminate() == 0
     assert "mta.stopped" in relay.log
@@ -241,10 +255,12 @@ def test_first_start_creates_key_and_certificate(
     assert len([line for line in relay.log.splitlines() if "mta.init" in line]) == 1
 
 
+@BOTH
 def test_key_rotation_while_running(
-    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess]
+    tls_ca: trustme.CA, tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
-    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.12]:{free_port('127.0.0.12')}")).start()
+    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.12]:{free_port('127.0.0.12')}"), workers)
+    relay.start()
     relay.send(SENDER, ["bob@dest.test"], message())
     rotated = relay.mta("keys", "rotate")
     assert rotated.returncode == 0, rotated.stderr
@@ -256,10 +272,12 @@ def test_key_rotation_while_running(
     assert counts["old"] >= 1  # the first still needs the old one, which stays
 
 
+@BOTH
 def test_missing_key_with_spooled_mail_refuses_to_start(
-    tmp_path: Path, relays: list[RelayProcess]
+    tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
-    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.13]:{free_port('127.0.0.13')}")).start()
+    relay = make_relay(relays, tmp_path, policy(f"[127.0.0.13]:{free_port('127.0.0.13')}"), workers)
+    relay.start()
     relay.send(SENDER, ["bob@dest.test"], message())
     relay.terminate()
     (relay.home / "keys" / "spool.key").unlink()
@@ -313,13 +331,14 @@ def test_a_listener_that_cannot_bind_fails_start_with_one_line(tmp_path: Path) -
     )
 
 
+@BOTH
 def test_a_second_relay_on_the_same_spool_refuses_to_start(
-    tmp_path: Path, relays: list[RelayProcess]
+    tmp_path: Path, relays: list[RelayProcess], workers: int
 ) -> None:
     """Two relays on one spool would try every message twice: the second one stops at
     start, with one line, and the first carries on."""
     text = policy(f"[127.0.0.14]:{free_port('127.0.0.14')}")
-    first = make_relay(relays, tmp_path, text).start()
+    first = make_relay(relays, tmp_path, text, workers).start()
     (tmp_path / "second").mkdir()
     second = RelayProcess(tmp_path / "second", text)  # its own port, the same MTA_HOME
     result = run_mta("run", "--config", str(second.policy_file), home=first.home)

@@ -120,8 +120,12 @@ def _dkim_key(work: Any) -> tuple[Any, bytes]:
     return path, public
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["relay", "group"])
+def world(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[World]:
+    """The world, once with a single relay and once with a 2-worker group: the group's
+    sessions are spread over both shards' receipt logs, and worker 0 reports them all."""
     work = tmp_path_factory.mktemp("tlsrpt-world")
     ca = trustme.CA()
     ca_file = work / "ca.pem"
@@ -152,6 +156,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         f"[mta_sts]\nport = {https_port}\n"
         f'[tlsrpt]\norganization = "Relay Test"\nfrom = "tlsrpt@relay.test"\n'
         f'dkim_domain = "relay.test"\ndkim_selector = "rpt"\ndkim_key = "{dkim_path}"\n',
+        workers=request.param,
     )
     try:
         for d in domains:
