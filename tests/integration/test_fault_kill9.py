@@ -78,6 +78,20 @@ class Load:
             return len(self.acked)
 
 
+def connect(port: int) -> smtplib.SMTP | None:
+    """A STARTTLS session to the relay, or None (its socket closed) when the relay is away."""
+    try:
+        smtp = smtplib.SMTP("127.0.0.1", port, local_hostname="load.test", timeout=10)
+    except (OSError, smtplib.SMTPException):
+        return None  # smtplib closes the socket of a failed connect itself
+    try:
+        smtp.starttls(context=client_tls())
+    except (OSError, smtplib.SMTPException):
+        smtp.close()  # a half-made session must not leak its socket
+        return None
+    return smtp
+
+
 def client(port: int, share: int, load: Load) -> None:
     """One client: a STARTTLS session reused for message after message, reconnecting
     whenever the relay goes away, until ``share`` messages got ``250`` (or the deadline)."""
@@ -86,11 +100,8 @@ def client(port: int, share: int, load: Load) -> None:
     done = 0
     while done < share and time.monotonic() < deadline and not load.stop.is_set():
         if smtp is None:
-            try:
-                smtp = smtplib.SMTP("127.0.0.1", port, local_hostname="load.test", timeout=10)
-                smtp.starttls(context=client_tls())
-            except (OSError, smtplib.SMTPException):
-                smtp = None
+            smtp = connect(port)
+            if smtp is None:
                 time.sleep(0.05)
                 continue
         token = uuid.uuid4().hex
