@@ -104,3 +104,41 @@ def test_a_silent_server_costs_one_timeout(tmp_path: Path) -> None:
         assert asyncio.run(run()) < 1.0
     finally:
         listener.close()
+
+
+def test_shared_policies_are_sealed_under_hidden_names(server: RedisServer) -> None:
+    from mta.policy.mta_sts import parse_policy
+    from mta.policy.sts_cache import CachedPolicy
+    from mta.shared.fleet_key import FleetKey
+    from mta.shared.sts import SharedPolicies
+
+    text = "version: STSv1\nmode: enforce\nmx: mx.secret-domain.example\nmax_age: 86400\n"
+    entry = CachedPolicy("id1", parse_policy(text), text, 1_000.0)
+    key = FleetKey(bytes(range(32)))
+
+    class Clock:
+        def now(self) -> float:
+            return 2_000.0
+
+    async def run() -> tuple[CachedPolicy | None, CachedPolicy | None, CachedPolicy | None]:
+        store = SharedStore(server.url, 0.5)
+        try:
+            policies = SharedPolicies(store, key, Clock())
+            await policies.put("secret-domain.example", entry)
+            other_fleet = SharedPolicies(store, FleetKey(bytes(32)), Clock())
+            return (
+                await policies.get("secret-domain.example"),
+                await policies.get("other.example"),
+                await other_fleet.get("secret-domain.example"),
+            )
+        finally:
+            await store.close()
+
+    got, missing, foreign = asyncio.run(run())
+    assert got == entry
+    assert (missing, foreign) == (None, None)
+    client = server.client()
+    (name,) = client.keys("*")
+    assert b"secret" not in name
+    assert b"secret" not in client.get(name)
+    assert 86400 - 1000 - 5 <= client.ttl(name) <= 86400 - 1000  # expires with the policy
