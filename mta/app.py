@@ -63,6 +63,7 @@ from mta.report.transparency_cli import make_report_provider
 from mta.schedule.scheduler import Scheduler
 from mta.shared.state import SharedState, open_shared
 from mta.shared.sts import SharedPolicies
+from mta.shared.tlsrpt import FleetReports
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
@@ -503,8 +504,12 @@ async def _start(
             mail=accept,
             source=functools.partial(read_events, receipt_dirs(config), keyring),
             clock=clock,
+            fleet=FleetReports(shared.store, shared.key, shared.relay_id) if shared else None,
+            flush=receipts.flush,
         )
         tasks.append(asyncio.create_task(reporter.run(), name="tlsrpt"))
+        if shared is not None:  # our counts into the fleet's, now and then
+            tasks.append(asyncio.create_task(reporter.run_publisher(), name="tlsrpt-publish"))
     authenticator = passwords.authenticator if passwords else None
     sessions = Sessions(config.limits)
     listeners = Listeners(sessions, config.limits)

@@ -771,6 +771,7 @@ def _metrics(table: _Table) -> MetricsConfig:
     return MetricsConfig(host=host, port=port)
 
 
+MAX_PUBLISH_INTERVAL: Final = 600.0
 MAX_SHARED_TIMEOUT: Final = 5.0  # a Redis call may delay a delivery this long at most
 _REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
@@ -788,7 +789,10 @@ def _shared(table: _Table, home: Path) -> SharedConfig:
     timeout = _duration(table, "timeout", 0.5)
     if timeout > MAX_SHARED_TIMEOUT:
         raise table.error("timeout", f"at most {MAX_SHARED_TIMEOUT:g}s: mail waits for it")
-    config = SharedConfig(url, key_file, timeout, _duration(table, "publish_interval", 300.0))
+    interval = _duration(table, "publish_interval", 300.0)
+    if interval > MAX_PUBLISH_INTERVAL:  # the fleet sends 15 minutes after midnight
+        raise table.error("publish_interval", "at most 10m: the fleet reports after 15m")
+    config = SharedConfig(url, key_file, timeout, interval)
     table.done()
     return config
 

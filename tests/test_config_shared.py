@@ -40,6 +40,7 @@ def test_a_url_and_a_key_file() -> None:
         ('redis_url = "redis://h"', "shared.key_file", "required with shared.redis_url"),
         ('timeout = "10s"', "shared.timeout", "at most 5s"),
         ('timeout = "0s"', "shared.timeout", "positive"),
+        ('publish_interval = "1h"', "shared.publish_interval", "at most 10m"),
         ("publish_interval = 0", "shared.publish_interval", "expected a string"),
         ("redis = 1", "shared.redis", "unknown key"),
     ],
