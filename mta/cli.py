@@ -27,6 +27,7 @@ from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list
 from mta.receive.auth import add_user
 from mta.report import receipt_log
 from mta.shared import fleet_key
+from mta.shared.state import SharedState, open_shared
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
@@ -315,14 +316,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     setup_logging("ERROR" if args.json else "WARNING", cfg.log.format)
 
     async def run() -> check.Report:
-        destinations = app.build_destinations(cfg, SystemClock())
-        return await check.check_domain(
-            cfg, destinations.resolver, args.domain, connect=args.connect
-        )
+        shared = _open_shared(cfg, app.hostname_of(cfg))
+        try:
+            destinations = app.build_destinations(cfg, SystemClock(), shared=shared)
+            return await check.check_domain(
+                cfg, destinations.resolver, args.domain, connect=args.connect
+            )
+        finally:
+            if shared is not None:
+                await shared.store.close()
 
     report = asyncio.run(run())
     print(json.dumps(report.doc, indent=2) if args.json else check.render_text(report))
     return EXIT_OK
+
+
+def _open_shared(cfg: config.Config, hostname: str) -> SharedState | None:
+    """The fleet's state for ``mta check`` (its MTA-STS view is the fleet's); a fleet
+    key this user cannot read leaves it to the local cache, with a warning."""
+    try:
+        return open_shared(cfg, hostname)
+    except ConfigError as err:
+        print(f"mta: {err} (checking with the local MTA-STS cache only)", file=sys.stderr)
+        return None
 
 
 def cmd_policy_server(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from mta.shared import fleet_key
 from tests.integration.dnslab import PROBE, DnsLab
 from tests.integration.receivers import Receiver
 from tests.integration.redisserver import RedisServer
-from tests.integration.relayproc import RelayProcess, common_port, wait_until
+from tests.integration.relayproc import RelayProcess, common_port, run_mta, wait_until
 from tests.integration.stsserver import POLICY_PATH, Route, StsServer
 from tests.report.tlsrpt_checks import check_report_json, parse_report_mail
 
@@ -197,7 +197,7 @@ def assert_nothing_named(redis: RedisServer) -> None:
             assert b"mx." not in blob
 
 
-def test_one_policy_fetch_serves_both_relays(lab: Lab, fleet: Fleet) -> None:
+def test_one_policy_fetch_serves_both_relays(lab: Lab, fleet: Fleet, tmp_path: Path) -> None:
     fetched = lab.policy.requests.count(POLICY_PATH)
     delivered = len(lab.mx[STS].messages)
     a, b = fleet.relays
@@ -210,6 +210,11 @@ def test_one_policy_fetch_serves_both_relays(lab: Lab, fleet: Fleet) -> None:
     assert "sts.policy.fetched" in a.log
     assert "sts.policy.shared" in b.log
     assert "sts.policy.fetched" not in b.log
+    # mta check from a fresh data directory (no cache file) sees the fleet's policy too
+    checked = run_mta("check", STS, "--json", "--config", str(a.policy_file), home=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "mode: enforce" in checked.stdout or '"enforce"' in checked.stdout, checked.stdout
+    assert lab.policy.requests.count(POLICY_PATH) == fetched + 1
     assert_nothing_named(fleet.redis)
 
 
