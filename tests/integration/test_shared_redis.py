@@ -123,7 +123,13 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(lab: Lab, tmp_path: Path) -> Iterator[Fleet]:
+def workers_a() -> int:
+    """Relay a's ``[server] workers`` (a test may make it a group)."""
+    return 1
+
+
+@pytest.fixture
+def fleet(lab: Lab, tmp_path: Path, workers_a: int) -> Iterator[Fleet]:
     """A fresh redis-server and two relays using it, with one fleet key."""
     key = tmp_path / "keys" / "shared.key"
     fleet_key.create(key)
@@ -140,6 +146,7 @@ def fleet(lab: Lab, tmp_path: Path) -> Iterator[Fleet]:
             f'[tlsrpt]\norganization = "Fleet Test"\nfrom = "tlsrpt@relay.test"\n'
             f'[shared]\nredis_url = "{redis.url}"\nkey_file = "{key}"\n'
             f'timeout = "0.5s"\npublish_interval = "1s"\n',
+            workers=workers_a if name == "a" else 1,
         )
         for name in ("a", "b")
     ]
@@ -218,7 +225,9 @@ def test_one_policy_fetch_serves_both_relays(lab: Lab, fleet: Fleet, tmp_path: P
     assert_nothing_named(fleet.redis)
 
 
+@pytest.mark.parametrize("workers_a", [1, 2], ids=["relay", "group"])
 def test_one_report_per_domain_with_the_summed_counts(lab: Lab, fleet: Fleet) -> None:
+    """Relay a once alone, once a 2-worker group (worker 0 publishes every shard's)."""
     posts, mails = len(lab.collector.posts), len(lab.reports.messages)
     delivered = len(lab.mx[STS].messages)
     a, b = fleet.relays
@@ -288,3 +297,30 @@ def test_redis_stopped_mid_run_loses_no_mail_and_no_report(lab: Lab, fleet: Flee
     for relay in (a, b):
         wait_until(lambda r=relay: "shared.redis.up" in r.log, WAIT, "Redis back in the log")
         assert relay.log.count("shared.redis.down") == 1
+
+
+def test_a_failed_destination_is_retried_by_the_other_relay(lab: Lab, fleet: Fleet) -> None:
+    """What was done is shared: the relay that sends next retries only what failed."""
+    posts, mails = len(lab.collector.posts), len(lab.reports.messages)
+    a, b = fleet.relays
+    send(a, STS, 1)
+    send(b, PLAIN, 1)
+    want = {STS: (1, 0), PLAIN: (0, 1)}
+    wait_counts(a, want)
+    wait_counts(b, want)
+    lab.collector.set_route(REPORT_PATH, Route(503, "text/plain", "later"))
+    try:
+        first = a.mta("tlsrpt", "send").stdout.strip()
+    finally:
+        lab.collector.set_route(REPORT_PATH, Route(200, "text/plain", "thanks"))
+    assert first == "tlsrpt: sent=1 failed=1 already=0 no_record=0"
+    second = b.mta("tlsrpt", "send").stdout.strip()
+    assert second == "tlsrpt: sent=1 failed=0 already=1 no_record=0"  # the POST only
+    assert len(lab.collector.posts) == posts + 2  # the 503, then the retry
+    (report,) = posted(lab, posts + 1)
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 1
+    lab.reports.wait_for(mails + 1, WAIT)
+    assert [r.mta("tlsrpt", "send").stdout.strip() for r in (a, b)] == [
+        "tlsrpt: sent=0 failed=0 already=2 no_record=0"
+    ] * 2
+    assert len(lab.reports.messages) == mails + 1
