@@ -61,6 +61,9 @@ from mta.report.receipt_log import ReceiptLog, read_events, receipt_dirs, receip
 from mta.report.tlsrpt_send import TlsReporter, build_reporter
 from mta.report.transparency_cli import make_report_provider
 from mta.schedule.scheduler import Scheduler
+from mta.shared.state import SharedState, open_shared
+from mta.shared.sts import SharedPolicies
+from mta.shared.tlsrpt import FleetReports
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
@@ -150,6 +153,7 @@ class Destinations:
     dnssec: DnssecProbe | None = None  # None: DANE is off, nothing to probe
     dns: DnsClient | None = None  # the relay's DNS (TLS-RPT's _smtp._tls lookups)
     metrics: Metrics | None = None  # told of each DNS query and MTA-STS fetch
+    shared: SharedState | None = None  # [shared] redis_url: the fleet's state
 
 
 def _trust_store(files: list[Path], *, system: bool, key: str) -> TrustStore:
@@ -177,6 +181,7 @@ def build_destinations(
     previous: tuple[Config, Destinations] | None = None,
     *,
     metrics: Metrics | None = None,
+    shared: SharedState | None = None,
 ) -> Destinations:
     """DNS, trust stores, MTA-STS and the destination resolver, as ``config`` says.
 
@@ -190,6 +195,7 @@ def build_destinations(
     """
     old_config, old = previous if previous is not None else (None, None)
     metrics = metrics or (old.metrics if old is not None else None)  # counted on a reload too
+    shared = shared or (old.shared if old is not None else None)  # opened once, at start
 
     def unchanged(*sections: str) -> bool:
         return old_config is not None and all(
@@ -243,6 +249,7 @@ def build_destinations(
             StsCache.load(config.mta_sts.cache_file),
             clock,
             observe=metrics.sts_fetch if metrics else None,
+            shared=SharedPolicies(shared.store, shared.key, clock) if shared else None,
         )
     resolver = DestinationResolver(
         config,
@@ -254,7 +261,7 @@ def build_destinations(
         rand=random.Random(),  # noqa: S311 - MX tie-break, not crypto
         dnssec=dnssec,
     )
-    return Destinations(resolver, sts, dnssec, dns, metrics)
+    return Destinations(resolver, sts, dnssec, dns, metrics, shared)
 
 
 @dataclass
@@ -288,6 +295,8 @@ class Relay:
         self.control.close()
         if self.metrics_http is not None:
             await self.metrics_http.close()
+        if self.destinations.shared is not None:
+            await self.destinations.shared.store.close()
         for server in self.servers:
             await server.wait_closed()
         if self.spool_lock >= 0:
@@ -443,7 +452,8 @@ async def _start(
     events.add(receipts)
     metrics = Metrics(clock)  # Prometheus, served on [metrics] listen
     events.add(metrics)
-    destinations = build_destinations(config, clock, metrics=metrics)
+    shared = open_shared(config, hostname, on_state=metrics.shared_state)
+    destinations = build_destinations(config, clock, metrics=metrics, shared=shared)
     agent = DeliveryAgent(config, destinations.resolver)
     scheduler = Scheduler(
         store,
@@ -494,8 +504,12 @@ async def _start(
             mail=accept,
             source=functools.partial(read_events, receipt_dirs(config), keyring),
             clock=clock,
+            fleet=FleetReports(shared.store, shared.key, shared.relay_id) if shared else None,
+            flush=receipts.flush,
         )
         tasks.append(asyncio.create_task(reporter.run(), name="tlsrpt"))
+        if shared is not None:  # our counts into the fleet's, now and then
+            tasks.append(asyncio.create_task(reporter.run_publisher(), name="tlsrpt-publish"))
     authenticator = passwords.authenticator if passwords else None
     sessions = Sessions(config.limits)
     listeners = Listeners(sessions, config.limits)

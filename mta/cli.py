@@ -26,6 +26,8 @@ from mta.queueops import Action, SelectionError, make_selection
 from mta.queueview import entry_dict, entry_line, flush_offline, key_usage, list_queue
 from mta.receive.auth import add_user
 from mta.report import receipt_log
+from mta.shared import fleet_key
+from mta.shared.state import SharedState, open_shared
 from mta.spool import keycheck
 from mta.spool.keys import KeyRing
 from mta.spool.store import SpoolDirectory, SpoolStore
@@ -216,6 +218,8 @@ def _rewrap(cfg: config.Config) -> bool:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.action == "shared-create":
+        return _create_fleet_key(cfg)
     keyring = KeyRing.load(cfg.spool.key_file)
     # The root and a relay group's shards: each has its records and key checks.
     spools = [SpoolDirectory(path) for path in shards.spool_dirs(cfg)]
@@ -254,6 +258,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
             f"{key_id}  {state:<6}  {references.get(key_id, 0)} spool record(s), "
             f"{receipts.get(key_id, 0)} receipt(s)"
         )
+    return EXIT_OK
+
+
+def _create_fleet_key(cfg: config.Config) -> int:
+    """``mta keys shared-create``: the fleet key of ``[shared] key_file``, once."""
+    path = cfg.shared.key_file
+    if path is None:
+        print(f"mta: {cfg.source}: shared.key_file: not set", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        fleet_key.create(path)
+    except FileExistsError:
+        print(f"mta: {path}: exists; copy it to every relay (never made anew)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"new fleet key in {path} (mode 0600); copy it to every relay of the fleet")
     return EXIT_OK
 
 
@@ -297,14 +316,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     setup_logging("ERROR" if args.json else "WARNING", cfg.log.format)
 
     async def run() -> check.Report:
-        destinations = app.build_destinations(cfg, SystemClock())
-        return await check.check_domain(
-            cfg, destinations.resolver, args.domain, connect=args.connect
-        )
+        shared = _open_shared(cfg, app.hostname_of(cfg))
+        try:
+            destinations = app.build_destinations(cfg, SystemClock(), shared=shared)
+            return await check.check_domain(
+                cfg, destinations.resolver, args.domain, connect=args.connect
+            )
+        finally:
+            if shared is not None:
+                await shared.store.close()
 
     report = asyncio.run(run())
     print(json.dumps(report.doc, indent=2) if args.json else check.render_text(report))
     return EXIT_OK
+
+
+def _open_shared(cfg: config.Config, hostname: str) -> SharedState | None:
+    """The fleet's state for ``mta check`` (its MTA-STS view is the fleet's); a fleet
+    key this user cannot read leaves it to the local cache, with a warning."""
+    try:
+        return open_shared(cfg, hostname)
+    except ConfigError as err:
+        print(f"mta: {err} (checking with the local MTA-STS cache only)", file=sys.stderr)
+        return None
 
 
 def cmd_policy_server(args: argparse.Namespace) -> int:
@@ -418,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     reload.set_defaults(func=cmd_reload)
 
     keys = with_config(sub.add_parser("keys", help="spool key management"))
-    keys.add_argument("action", choices=["list", "rotate", "rewrap", "prune"])
+    keys.add_argument("action", choices=["list", "rotate", "rewrap", "prune", "shared-create"])
     keys.add_argument(
         "--rewrap", action="store_true", help="rotate: then re-seal older records under the new key"
     )

@@ -135,6 +135,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """``[shared]``: state shared by several relays through Redis (``mta.shared``): the
+    MTA-STS policy cache and the TLS-RPT counts. ``redis_url = ""``: local files only."""
+
+    redis_url: str = ""  # redis://HOST:PORT/DB, rediss://... (TLS) or unix:///path
+    key_file: Path | None = None  # the fleet key, 32 bytes; required with redis_url
+    timeout: float = 0.5  # for each Redis call (connect and reply); mail never waits longer
+    publish_interval: float = 300.0  # how often a relay adds its TLS-RPT counts
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyServerConfig:
     """``[policy_server]``: ``mta policy-server``, our policy for Postfix's
     ``smtp_tls_policy_maps`` over socketmap (``mta.postfix.server``)."""
@@ -233,6 +248,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     receipts: ReceiptsConfig = ReceiptsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    shared: SharedConfig = SharedConfig()
 
     @property
     def control_socket(self) -> Path:
@@ -593,6 +609,7 @@ def validate(
     tlsrpt = _tlsrpt(top.table("tlsrpt"), home)
     receipts = _receipts(top.table("receipts"))
     metrics = _metrics(top.table("metrics"))
+    shared = _shared(top.table("shared"), home)
     policy_server = _policy_server(top.table("policy_server"))
 
     out_t = top.table("outbound")
@@ -696,6 +713,7 @@ def validate(
         server=server,
         receipts=receipts,
         metrics=metrics,
+        shared=shared,
     )
 
 
@@ -751,6 +769,32 @@ def _metrics(table: _Table) -> MetricsConfig:
     host, port = table.convert("listen", str, ("127.0.0.1", 9464), listen)
     table.done()
     return MetricsConfig(host=host, port=port)
+
+
+MAX_PUBLISH_INTERVAL: Final = 600.0
+MAX_SHARED_TIMEOUT: Final = 5.0  # a Redis call may delay a delivery this long at most
+_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+
+
+def _shared(table: _Table, home: Path) -> SharedConfig:
+    """``[shared]``: a Redis URL (or ""), and with it the fleet key file."""
+    url = table.get("redis_url", str, "")
+    if url and not url.startswith(_REDIS_SCHEMES):
+        raise table.error(
+            "redis_url", f"expected redis://HOST:PORT/DB, rediss://... or unix:///PATH, got {url!r}"
+        )
+    key_file = _path(table, "key_file", home, None)
+    if url and key_file is None:
+        raise table.error("key_file", "required with shared.redis_url (32 random bytes)")
+    timeout = _duration(table, "timeout", 0.5)
+    if timeout > MAX_SHARED_TIMEOUT:
+        raise table.error("timeout", f"at most {MAX_SHARED_TIMEOUT:g}s: mail waits for it")
+    interval = _duration(table, "publish_interval", 300.0)
+    if interval > MAX_PUBLISH_INTERVAL:  # the fleet sends 15 minutes after midnight
+        raise table.error("publish_interval", "at most 10m: the fleet reports after 15m")
+    config = SharedConfig(url, key_file, timeout, interval)
+    table.done()
+    return config
 
 
 def _tlsrpt(table: _Table, home: Path) -> TlsRptConfig:

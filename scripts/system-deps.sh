@@ -2,7 +2,8 @@
 # Debian packages the integration tests drive as real peers: swaks (SMTP client), openssl,
 # and for DANE a DNSSEC lab: knot (authoritative), unbound (validating resolver) and
 # ldnsutils (zone signing); testssl.sh scans our listener; postfix is the benchmark's
-# baseline; prometheus scrapes our metrics and chromium renders the transparency report.
+# baseline; prometheus scrapes our metrics and chromium renders the transparency report;
+# redis-server holds the state several relays share.
 # Installed when missing; the tests fail, not skip, without them.
 set -euo pipefail
 need=()
@@ -16,6 +17,7 @@ have unbound || need+=(unbound)
 have ldns-signzone || need+=(ldnsutils)
 have prometheus || need+=(prometheus)
 have chromium || need+=(chromium)
+have redis-server || need+=(redis-server)  # [shared] state of several relays
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "system-deps: please install: ${need[*]} (apt-get install -y ${need[*]})" >&2
@@ -27,6 +29,6 @@ apt-get update -qq
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 # The Debian packages start system-wide daemons we do not use (the tests run their own).
-for unit in knot unbound postfix prometheus prometheus-node-exporter; do
+for unit in knot unbound postfix prometheus prometheus-node-exporter redis-server; do
     systemctl disable --now "$unit" >/dev/null 2>&1 || service "$unit" stop >/dev/null 2>&1 || true
 done

@@ -16,6 +16,11 @@ and ``StsResolver`` follows the RFC's rules for using it:
 - policies are refreshed before they expire, in the background (``run_refresher``),
   not on the delivery path.
 
+Several relays may share their policies (``SharedPolicyStore``: ``mta.shared.sts``
+keeps them in Redis): before fetching, a relay adopts the fleet's cached policy when it
+carries the id wanted and is not near expiry; what it fetches it shares. The local
+cache stays the relay's own, and what it falls back to when the shared store is away.
+
 Concurrent ``facts()`` calls for one domain share a single fetch.
 """
 
@@ -149,7 +154,10 @@ class StsCache:
     def put(self, domain: str, policy_id: str, fetched: StsFetched, now: float) -> CachedPolicy:
         """Cache ``fetched`` as the policy of ``domain`` under ``policy_id``, fetched at
         ``now``, replacing what was there (a ``mode: none`` policy too)."""
-        entry = CachedPolicy(policy_id, fetched.policy, fetched.text, now)
+        return self.adopt(domain, CachedPolicy(policy_id, fetched.policy, fetched.text, now))
+
+    def adopt(self, domain: str, entry: CachedPolicy) -> CachedPolicy:
+        """Cache ``entry`` (another relay's fetch) as the policy of ``domain``."""
         with self._write_lock:
             with self._lock:
                 self._entries[normalise_host(domain)] = entry
@@ -254,6 +262,15 @@ class TxtLookup(Protocol):
     async def txt(self, name: str) -> TxtAnswer | NoDomain | DnsTempFail: ...
 
 
+class SharedPolicyStore(Protocol):
+    """The fleet's policies (``mta.shared.sts.SharedPolicies``): never raises; a store
+    that is away answers None and forgets what it is given."""
+
+    async def get(self, domain: str) -> CachedPolicy | None: ...
+
+    async def put(self, domain: str, entry: CachedPolicy) -> None: ...
+
+
 class PolicyFetcher(Protocol):
     """The HTTPS fetch the resolver needs (``mta.policy.sts_fetch.StsFetcher``)."""
 
@@ -295,6 +312,8 @@ class StsResolver:
         clock: wall-clock time for fetch and expiry times.
         observe: told how each HTTPS fetch ended, for the metrics: ``ok``,
             ``fetch-error``, ``webpki-invalid`` or ``invalid`` (``FETCH_RESULTS``).
+        shared: the fleet's policies, asked before each fetch and told of each; None
+            for a relay alone.
     """
 
     def __init__(
@@ -305,8 +324,10 @@ class StsResolver:
         clock: Clock,
         *,
         observe: Callable[[str], None] | None = None,
+        shared: SharedPolicyStore | None = None,
     ) -> None:
         self._observe = observe or _no_observer
+        self._shared = shared
         self._dns = dns
         self._fetcher = fetcher
         self._cache = cache
@@ -422,7 +443,23 @@ class StsResolver:
         # shield: a cancelled caller must not cancel the fetch the others wait on
         return await asyncio.shield(task)
 
+    async def _from_shared(self, domain: str, policy_id: str) -> StsFetched | None:
+        """The fleet's policy of ``domain`` under ``policy_id``, adopted into the local
+        cache, when one is fresh and not due for refresh; else None (fetch it)."""
+        if self._shared is None:
+            return None
+        entry = await self._shared.get(domain)
+        now = self._clock.now()
+        if entry is None or entry.policy_id != policy_id or entry.refresh_due(now):
+            return None
+        await asyncio.to_thread(self._cache.adopt, domain, entry)
+        log.info("sts.policy.shared", extra={"domain": domain, "id": policy_id})
+        return StsFetched(entry.policy, entry.text)
+
     async def _fetch_and_store(self, domain: str, policy_id: str) -> StsFetched | StsFetchFailed:
+        adopted = await self._from_shared(domain, policy_id)
+        if adopted is not None:
+            return adopted
         try:
             result = await self._fetcher.fetch(domain)
         except Exception as err:  # a fetcher bug is a failed fetch, not a failed delivery
@@ -437,7 +474,11 @@ class StsResolver:
             self._remember_failure(domain, policy_id, result)
             return result
         self._observe("ok")
-        await asyncio.to_thread(self._cache.put, domain, policy_id, result, self._clock.now())
+        entry = await asyncio.to_thread(
+            self._cache.put, domain, policy_id, result, self._clock.now()
+        )
+        if self._shared is not None:
+            await self._shared.put(domain, entry)
         log.info(
             "sts.policy.fetched",
             extra={

@@ -27,6 +27,7 @@ Merge = Callable[[float, float], float]
 GAUGES: Final[dict[str, Merge]] = {
     "mta_queue_oldest_seconds": max,
     "mta_dnssec_probe_ok": min,
+    "mta_shared_state_up": min,  # 0 when any worker has lost Redis
 }
 
 

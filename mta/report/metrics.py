@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from mta.clock import Clock
@@ -155,6 +155,7 @@ class Metrics:
             buckets=_DELIVERY_BUCKETS,
             registry=self.registry,
         )
+        self._shared_up: Gauge | None = None
         self._sts_fetches = Counter(
             "mta_sts_policy_fetches",
             "MTA-STS policy fetches over HTTPS, by result.",
@@ -191,6 +192,17 @@ class Metrics:
                 self._tls_failures.labels(_bounded(session.result_type, RESULT_TYPES)).inc()
         if any(r.outcome is Outcome.SENT for r in result.results):
             self._delivery.observe(max(0.0, event.at - event.received_at))
+
+    def shared_state(self, up: bool) -> None:
+        """The shared store's observer (``SharedStore(on_state=...)``): the gauge
+        exists only on a relay with ``[shared] redis_url``."""
+        if self._shared_up is None:
+            self._shared_up = Gauge(
+                "mta_shared_state_up",
+                "Whether Redis (the fleet's shared state) answered the last call: 1 or 0.",
+                registry=self.registry,
+            )
+        self._shared_up.set(int(up))
 
     def sts_fetch(self, result: str) -> None:
         """The MTA-STS fetcher's observer (``StsResolver(observe=...)``)."""

@@ -125,6 +125,22 @@ class DailyTally:
         for session in sessions:
             self.add(session)
 
+    def add_counts(
+        self, day: date, policy: ReportPolicy, successes: int, failures: Mapping[FailureDetail, int]
+    ) -> None:
+        """Add counts made elsewhere (another relay's, ``mta.shared.tlsrpt``)."""
+        counts = self._counts.setdefault((day, policy.domain), {}).setdefault(
+            policy, _PolicyCounts()
+        )
+        counts.successes += successes
+        counts.failures.update(failures)
+
+    def merge(self, other: DailyTally) -> None:
+        """Add every count of ``other`` to ours: the fleet's day is the sum of its relays'."""
+        for (day, _domain), policies in other._counts.items():
+            for policy, counts in policies.items():
+                self.add_counts(day, policy, counts.successes, counts.failures)
+
     def domains(self, day: date) -> list[str]:
         """The policy domains with at least one session on ``day``, sorted."""
         return sorted(domain for (when, domain) in self._counts if when == day)

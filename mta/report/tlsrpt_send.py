@@ -19,6 +19,12 @@ receipt log), so they survive restarts; nothing is counted in memory.
 - When: after each UTC midnight plus a random jitter (up to ``MAX_JITTER``), the day
   before; then every ``RETRY_INTERVAL`` while something is left to retry. A domain
   with no sessions that day has no report.
+- A fleet (``[shared] redis_url``, ``Fleet``: ``mta.shared.tlsrpt``): every relay adds
+  its day's counts to Redis now and then (``run_publisher``) and right before a
+  report; a report carries the fleet's sum and is sent by the one relay that takes
+  its lock; what was done is shared, so no relay sends it again. The send waits
+  ``FLEET_DELAY`` more after midnight, for every relay to add its last counts. Redis
+  away: each relay reports its own sessions, as alone.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from email.utils import make_msgid
 from pathlib import Path
@@ -68,11 +74,27 @@ MAX_JITTER: Final = 3600.0  # seconds after UTC midnight
 RETRY_INTERVAL: Final = 2 * 3600.0
 POST_TIMEOUT: Final = 60.0
 KEEP_DAYS: Final = 7  # sent-state records older than this are removed
+FLEET_DELAY: Final = 900.0  # a fleet sends after midnight + this + jitter
 _STATE_FORMAT: Final = 1
 
 
 class TxtResolver(Protocol):
     async def txt(self, name: str) -> TxtLookup: ...
+
+
+class Fleet(Protocol):
+    """The counts and sent marks several relays share (``mta.shared.tlsrpt``); never
+    raises: Redis away is None from ``share``, True from ``claim``."""
+
+    async def publish(self, day: date, tally: DailyTally) -> bool: ...
+
+    async def share(self, day: date, tally: DailyTally) -> DailyTally | None: ...
+
+    async def progress(self, day: date, domain: str) -> Progress | None: ...
+
+    async def claim(self, day: date, domain: str) -> bool: ...
+
+    async def record(self, day: date, domain: str, progress: Progress) -> None: ...
 
 
 Post = Callable[[str, bytes], Awaitable[str | None]]  # url, body -> None or why it failed
@@ -263,6 +285,7 @@ class PlannedReport:
     report: dict[str, Any]
     record: TlsRptRecord | None
     progress: Progress | None = None
+    fleet: bool = False  # the fleet's counts: sent under the fleet's lock
 
     @property
     def destinations(self) -> tuple[str, ...]:
@@ -314,6 +337,9 @@ class TlsReporter:
         post: HTTPS delivery (``HttpsPoster``); mail: into our spool and queue.
         state: the sealed sent-state; clock: now; rand: jitter in [0, 1).
         hostname: for the Message-ID.
+        fleet: the counts shared with other relays, or None (alone).
+        flush: writes out the receipts held in memory (before a publish).
+        publish_interval: seconds between two publishes of our counts to the fleet.
     """
 
     def __init__(
@@ -329,7 +355,11 @@ class TlsReporter:
         clock: Clock,
         rand: Callable[[], float],
         hostname: str,
+        fleet: Fleet | None = None,
+        flush: Callable[[], Awaitable[object]] | None = None,
+        publish_interval: float = 300.0,
     ) -> None:
+        self._fleet, self._flush, self._publish_interval = fleet, flush, publish_interval
         self._sender, self._dkim = sender, dkim_key
         self._source, self._dns, self._post, self._mail = source, dns, post, mail
         self._state, self._clock, self._rand = state, clock, rand
@@ -339,7 +369,38 @@ class TlsReporter:
     async def plan(self, day: date) -> list[PlannedReport]:
         """The reports of ``day`` as they stand (one per policy domain with sessions)."""
         tally = await asyncio.to_thread(tally_day, self._source, day)
-        return await plan_reports(tally, day, self._sender, self._dns, self._state)
+        shared = await self._fleet.share(day, tally) if self._fleet is not None else None
+        planned = await plan_reports(shared or tally, day, self._sender, self._dns, self._state)
+        if shared is None or self._fleet is None:
+            return planned
+        fleet = self._fleet
+        return [
+            replace(p, progress=await fleet.progress(day, p.domain) or p.progress, fleet=True)
+            for p in planned
+        ]
+
+    async def publish(self, day: date) -> bool:
+        """Put our counts of ``day`` into the fleet's (False: Redis away, or alone)."""
+        if self._fleet is None:
+            return False
+        if self._flush is not None:
+            await self._flush()
+        return await self._fleet.publish(day, await asyncio.to_thread(tally_day, self._source, day))
+
+    async def run_publisher(self) -> None:
+        """Forever: every ``publish_interval``, today's counts, and yesterday's until
+        they have been published once after midnight (its last sessions included)."""
+        final: date | None = None
+        while True:
+            await asyncio.sleep(self._publish_interval)
+            today = datetime.fromtimestamp(self._clock.now(), UTC).date()
+            try:
+                await self.publish(today)
+                yesterday = today - timedelta(days=1)
+                if final != yesterday and await self.publish(yesterday):
+                    final = yesterday
+            except Exception:  # a bad round must not end the loop
+                log.exception("tlsrpt.publish.failed")
 
     async def send_day(self, day: date) -> SendSummary:
         """Send what is left of ``day``'s reports; record each destination reached."""
@@ -355,6 +416,17 @@ class TlsReporter:
             return SendSummary(nowhere=1)
         if planned.sent:
             return SendSummary(already=1)
+        if planned.fleet and self._fleet is not None:
+            if not await self._fleet.claim(planned.day, planned.domain):
+                return SendSummary(already=1)  # another relay is sending it now
+            # The lock is ours: what was done may have changed since the plan.
+            latest = await self._fleet.progress(planned.day, planned.domain)
+            planned = replace(planned, progress=latest or planned.progress)
+            if planned.sent:
+                await self._fleet.record(
+                    planned.day, planned.domain, planned.progress or Progress()
+                )
+                return SendSummary(already=1)
         progress = planned.progress or Progress()
         done, tries = set(progress.done), dict(progress.tries)
         sent = failed = 0
@@ -380,7 +452,10 @@ class TlsReporter:
                 if problem is None:
                     done.add(destination)
             sent, failed = (sent + len(mailto), failed) if problem is None else (sent, failed + 1)
-        self._state.save(planned.day, planned.domain, Progress(frozenset(done), tries))
+        progress = Progress(frozenset(done), tries)
+        self._state.save(planned.day, planned.domain, progress)
+        if planned.fleet and self._fleet is not None:
+            await self._fleet.record(planned.day, planned.domain, progress)
         return SendSummary(sent=sent, failed=failed)
 
     async def _send_mail(self, planned: PlannedReport, addresses: list[str]) -> str | None:
@@ -419,9 +494,13 @@ class TlsReporter:
         """``tlsrpt-send [DAY]``: send what is left of the day's reports now."""
         return "ok " + (await self.send_day(self.day_of(argument))).line()
 
+    def _jitter(self) -> float:
+        delay = FLEET_DELAY if self._fleet is not None else 0.0
+        return delay + self._rand() * MAX_JITTER
+
     async def run(self) -> None:
         """Forever: after each UTC midnight plus jitter, the day before (module docstring)."""
-        jitter = self._rand() * MAX_JITTER
+        jitter = self._jitter()
         while True:
             now = self._clock.now()
             today = datetime.fromtimestamp(now, UTC).date()
@@ -435,7 +514,7 @@ class TlsReporter:
             except Exception:
                 log.exception("tlsrpt.run.failed")
                 summary = SendSummary(failed=1)
-            jitter = self._rand() * MAX_JITTER
+            jitter = self._jitter()
             tomorrow = day_range(today + timedelta(days=1))[0].timestamp() + jitter
             wait = tomorrow - self._clock.now()
             if summary.pending:
@@ -502,6 +581,8 @@ def build_reporter(
     mail: Mail,
     source: EventSource,
     clock: Clock,
+    fleet: Fleet | None = None,
+    flush: Callable[[], Awaitable[object]] | None = None,
 ) -> TlsReporter:
     """The relay's reporter (``app._start``); reads the DKIM key now (``ConfigError``)."""
 
@@ -520,4 +601,7 @@ def build_reporter(
         clock=clock,
         rand=random.SystemRandom().random,
         hostname=hostname,
+        fleet=fleet,
+        flush=flush,
+        publish_interval=config.shared.publish_interval,
     )

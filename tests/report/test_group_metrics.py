@@ -17,6 +17,7 @@ def exposition(received: int, ack: list[float], queued: int, oldest: float, ok: 
     Gauge("mta_queue_messages", "q", registry=registry).set(queued)
     Gauge("mta_queue_oldest_seconds", "o", registry=registry).set(oldest)
     Gauge("mta_dnssec_probe_ok", "d", registry=registry).set(ok)
+    Gauge("mta_shared_state_up", "s", registry=registry).set(ok)
     return generate_latest(registry).decode()
 
 
@@ -37,6 +38,7 @@ def test_counters_histograms_and_the_queue_add_up_the_rest_by_their_meaning() ->
     assert got["mta_queue_messages", ()] == 7
     assert got["mta_queue_oldest_seconds", ()] == 30.0
     assert got["mta_dnssec_probe_ok", ()] == 0
+    assert got["mta_shared_state_up", ()] == 0
 
 
 def test_the_merge_is_a_valid_exposition() -> None:

@@ -196,6 +196,15 @@ def test_dnssec_gauge_absent_when_dane_is_off() -> None:
     assert _value(metrics, "mta_dnssec_probe_ok") is None
 
 
+def test_shared_state_gauge_only_with_redis() -> None:
+    metrics = Metrics(Clock())
+    assert _value(metrics, "mta_shared_state_up") is None  # no [shared] redis_url
+    metrics.shared_state(True)
+    assert _value(metrics, "mta_shared_state_up") == 1.0
+    metrics.shared_state(False)
+    assert _value(metrics, "mta_shared_state_up") == 0.0
+
+
 def test_own_registry_never_the_global_one() -> None:
     first, second = Metrics(Clock()), Metrics(Clock())  # no clash: separate registries
     first(_received())
