@@ -40,7 +40,7 @@ envelope is not trusted either: an address with a control character (CR, LF, NUL
 is refused before anything of it is written (``553 5.1.7`` sender, ``553 5.1.3``
 recipient). A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): that recipient is
 deferred. The DATA payload (dot-stuffed, CRLF line endings) is made by
-``wire.data_payload``.
+``wire.data_payload_parts``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from mta.deliver.pool import ConnectionCache
 from mta.deliver.requiretls import RELAXABLE
 from mta.deliver.tlschain import peer_chain
 from mta.deliver.tlsclient import ClientContexts, classify_tls_error
-from mta.deliver.wire import data_payload
+from mta.deliver.wire import data_payload_parts
 from mta.model import HostPolicy, Outcome, PeerAuth, RecipientResult, TlsInfo, TlsLevel
 from mta.policy.decide import HostRequirement
 from mta.policy.verify import VerifyResult, leaf_key, verify_peer
@@ -761,7 +761,7 @@ def _local_address(transport: asyncio.BaseTransport | None) -> str:
 
 
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
-    """``smtp.data(content)``, but with the payload made by ``wire.data_payload``.
+    """``smtp.data(content)``, but with the payload made by ``wire.data_payload_parts``.
 
     ``DATA`` goes through aiosmtplib's own command path; the payload is written and its
     reply read back to back (nothing runs in between: no reply can go astray), then
@@ -775,7 +775,8 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(data_payload(content))
+        for part in data_payload_parts(content):
+            protocol.write(part)
         response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()

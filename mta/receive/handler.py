@@ -406,6 +406,10 @@ class RelayHandler:
             requiretls=REQUIRETLS in envelope.mail_options,
         )
         content = header + raw
+        # The body without our header is no longer needed: let it go before the fsync
+        # wait instead of holding a second copy of every message in flight.
+        envelope.content = envelope.original_content = None
+        del raw
         facts: dict[str, Any] = {
             "client": ip,
             "sender": redact(mail_from),
