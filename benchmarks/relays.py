@@ -94,6 +94,9 @@ def mta_policy(port: int, sink: tuple[str, int], concurrency: int, workers: int)
         f"[server]\nallow_root = true\nworkers = {workers}\n\n"
         f'[[listener]]\naddress = "127.0.0.1"\nport = {port}\n\n'
         f"[outbound]\nmax_per_destination = {concurrency}\n\n"
+        # Metrics on, as by default, but on a free port: not 9464, which another relay
+        # on the machine may hold.
+        f'[metrics]\nlisten = "127.0.0.1:{free_port("127.0.0.1")}"\n\n'
         f'[log]\nlevel = "WARNING"\n\n'
         f'[[route]]\ndomain = "*"\nnexthop = "[{sink[0]}]:{sink[1]}"\n'
     )
