@@ -51,11 +51,7 @@ log = logging.getLogger(__name__)
 # The loop re-reads the clock at least this often, so a wall-clock jump delays
 # nothing by more than a minute. It is a bound, not a poll: it only matters when idle.
 MAX_SLEEP: Final = 60.0
-# Just-received content kept for first attempts, per relay process. 16 MiB: 1 MiB
-# messages over 20 sessions at workers = 1 peaked at 176-180 MB per process with 32 MiB,
-# 166-169 MB with 16 MiB, at the same rate (benchmarks, --variants reused-1m, 2 runs
-# each, a shared 2-core machine); a worker past it reads the record back instead.
-FRESH_BYTES: Final = 16 * 1024 * 1024
+FRESH_BYTES: Final = 32 * 1024 * 1024  # just-received content kept for first attempts
 # After an unexpected error in the loop itself, pause this long instead of spinning.
 LOOP_ERROR_PAUSE: Final = 1.0
 # How long stop() waits for cancelled attempts to unwind.
