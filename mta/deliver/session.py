@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Final, Literal, TypeAlias, TypeVar
 
 import aiosmtplib
+import aiosmtplib.protocol
 from aiosmtplib.typing import Default
 
 from mta.deliver import requiretls
@@ -76,6 +77,7 @@ _T = TypeVar("_T")
 
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
+WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see _write_payload)
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -775,8 +777,7 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        for part in data_payload_parts(content):
-            protocol.write(part)
+        await _write_payload(protocol, content, smtp.timeout)
         response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
@@ -785,6 +786,30 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _write_payload(
+    protocol: aiosmtplib.protocol.SMTPProtocol, content: bytes, stall: float | None
+) -> None:
+    """The DATA payload in ``WRITE_CHUNK`` slices, each written once the transport has
+    room (flow control: aiosmtplib's ``_drain_helper``, as ``StreamWriter.drain``).
+
+    Why: TLS encrypts what is written at once; a 1 MiB message written whole became
+    1 MiB of ciphertext buffered next to the plaintext for each of 20 deliveries in
+    flight. The slices are views: nothing is copied. A peer that stops reading for
+    ``stall`` seconds (the session's timeout) is a timeout, as a missing reply is.
+    """
+    body, end = data_payload_parts(content)
+    view = memoryview(body)
+    for start in range(0, len(view), WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(protocol._drain_helper(), stall)  # private: see above
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+        except ConnectionError as err:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost") from err
+    protocol.write(end)
 
 
 def _oneline(value: object) -> str:
