@@ -747,7 +747,8 @@ def remarks(results: list[Result]) -> list[str]:
 
 
 NOTES = (
-    "How measured: each relay started fresh per variant; end-to-end = first send to last",
+    "How measured: each relay started fresh per phase, every variant in each of --runs runs;",
+    "cells: median (min-max) over the runs, ratios per run; end-to-end = first send to last",
     "arrival at the sink; ack latency = end of DATA (body handed to the kernel) to the 250,",
     "at the client; relay CPU = own time (schedstat) + cutime/cstime over the relay's process",
     "tree (/proc), so exited Postfix processes count through master; Postfix RSS sums every",
