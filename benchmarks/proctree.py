@@ -134,6 +134,12 @@ def summed_hwm_kb(root: int) -> int:
     return sum(status_kb(pid, "VmHWM") for pid in tree(root))
 
 
+def max_hwm_kb(root: int) -> int:
+    """The largest ``VmHWM`` of one process in the tree: the per-process memory target
+    is about each process, which a sum over a group of workers hides."""
+    return max((status_kb(pid, "VmHWM") for pid in tree(root)), default=0)
+
+
 class Monitor:
     """Tracks one relay's tree through a phase: CPU used and peak memory.
 

@@ -86,13 +86,17 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 # --- mta ---------------------------------------------------------------------------
 
 
-def mta_policy(port: int, sink: tuple[str, int], concurrency: int) -> str:
-    """The policy: one relay listener, everything routed to the sink, WARNING logs; run
-    as root here (the Postfix side needs root), which ``mta run`` refuses unless told."""
+def mta_policy(port: int, sink: tuple[str, int], concurrency: int, workers: int) -> str:
+    """The policy: one relay listener, everything routed to the sink, WARNING logs,
+    ``workers`` relay processes; run as root here (the Postfix side needs root), which
+    ``mta run`` refuses unless told."""
     return (
-        "[server]\nallow_root = true\n\n"
+        f"[server]\nallow_root = true\nworkers = {workers}\n\n"
         f'[[listener]]\naddress = "127.0.0.1"\nport = {port}\n\n'
         f"[outbound]\nmax_per_destination = {concurrency}\n\n"
+        # Metrics on, as by default, but on a free port: not 9464, which another relay
+        # on the machine may hold.
+        f'[metrics]\nlisten = "127.0.0.1:{free_port("127.0.0.1")}"\n\n'
         f'[log]\nlevel = "WARNING"\n\n'
         f'[[route]]\ndomain = "*"\nnexthop = "[{sink[0]}]:{sink[1]}"\n'
     )
@@ -100,13 +104,13 @@ def mta_policy(port: int, sink: tuple[str, int], concurrency: int) -> str:
 
 @contextlib.contextmanager
 def mta_relay(
-    work: Path, sink: tuple[str, int], concurrency: int, wrapper: list[str]
+    work: Path, sink: tuple[str, int], concurrency: int, workers: int, wrapper: list[str]
 ) -> Iterator[RunningRelay]:
     """``python -m mta run`` with MTA_HOME in ``work``; stopped with SIGTERM on exit."""
     work.mkdir(parents=True)
     port = free_port("127.0.0.1")
     policy = work / "relay.toml"
-    policy.write_text(mta_policy(port, sink, concurrency))
+    policy.write_text(mta_policy(port, sink, concurrency, workers))
     log = work / "mta.log"
     command = [*wrapper, sys.executable, "-m", "mta", "run", "--config", str(policy)]
     with log.open("wb") as out:

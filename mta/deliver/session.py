@@ -40,7 +40,7 @@ envelope is not trusted either: an address with a control character (CR, LF, NUL
 is refused before anything of it is written (``553 5.1.7`` sender, ``553 5.1.3``
 recipient). A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): that recipient is
 deferred. The DATA payload (dot-stuffed, CRLF line endings) is made by
-``wire.data_payload``.
+``wire.data_payload_parts``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Final, Literal, TypeAlias, TypeVar
 
 import aiosmtplib
+import aiosmtplib.protocol
 from aiosmtplib.typing import Default
 
 from mta.deliver import requiretls
@@ -64,7 +65,7 @@ from mta.deliver.pool import ConnectionCache
 from mta.deliver.requiretls import RELAXABLE
 from mta.deliver.tlschain import peer_chain
 from mta.deliver.tlsclient import ClientContexts, classify_tls_error
-from mta.deliver.wire import data_payload
+from mta.deliver.wire import data_payload_parts
 from mta.model import HostPolicy, Outcome, PeerAuth, RecipientResult, TlsInfo, TlsLevel
 from mta.policy.decide import HostRequirement
 from mta.policy.verify import VerifyResult, leaf_key, verify_peer
@@ -76,6 +77,7 @@ _T = TypeVar("_T")
 
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
+WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see _write_payload)
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -761,7 +763,7 @@ def _local_address(transport: asyncio.BaseTransport | None) -> str:
 
 
 async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
-    """``smtp.data(content)``, but with the payload made by ``wire.data_payload``.
+    """``smtp.data(content)``, but with the payload made by ``wire.data_payload_parts``.
 
     ``DATA`` goes through aiosmtplib's own command path; the payload is written and its
     reply read back to back (nothing runs in between: no reply can go astray), then
@@ -775,7 +777,7 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(data_payload(content))
+        await _write_payload(protocol, content, smtp.timeout)
         response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
@@ -784,6 +786,30 @@ async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPRespons
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _write_payload(
+    protocol: aiosmtplib.protocol.SMTPProtocol, content: bytes, stall: float | None
+) -> None:
+    """The DATA payload in ``WRITE_CHUNK`` slices, each written once the transport has
+    room (flow control: aiosmtplib's ``_drain_helper``, as ``StreamWriter.drain``).
+
+    Why: TLS encrypts what is written at once; a 1 MiB message written whole became
+    1 MiB of ciphertext buffered next to the plaintext for each of 20 deliveries in
+    flight. The slices are views: nothing is copied. A peer that stops reading for
+    ``stall`` seconds (the session's timeout) is a timeout, as a missing reply is.
+    """
+    body, end = data_payload_parts(content)
+    view = memoryview(body)
+    for start in range(0, len(view), WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(protocol._drain_helper(), stall)  # private: see above
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
+        except ConnectionError as err:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost") from err
+    protocol.write(end)
 
 
 def _oneline(value: object) -> str:

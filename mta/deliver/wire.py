@@ -18,14 +18,15 @@ from mta.crlf import has_bare_line_ending
 _LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
-def data_payload(content: bytes) -> bytes:
-    """``content`` with CRLF line endings, a leading dot doubled on every line, a final
-    CRLF, and the ``.`` line that ends the data."""
+def data_payload_parts(content: bytes) -> tuple[bytes, bytes]:
+    """What follows ``DATA``, as two parts written one after the other: ``content``
+    with CRLF line endings and a leading dot doubled on every line (``content`` itself
+    when it needs no change, the usual case), then the final CRLF if it lacks one and
+    the ``.`` line that ends the data. Joining them would copy every message once more
+    (at 1 MiB and 20 deliveries in flight, 20 MB of peak memory)."""
     if has_bare_line_ending(content):
         content = _LINE_END.sub(_CRLF, content)
     if content.startswith(b"."):
         content = b"." + content
-    content = content.replace(b"\r\n.", b"\r\n..")
-    if not content.endswith(_CRLF):
-        content += _CRLF
-    return content + b".\r\n"
+    content = content.replace(b"\r\n.", b"\r\n..")  # the same object if none
+    return content, (b".\r\n" if content.endswith(_CRLF) else b"\r\n.\r\n")

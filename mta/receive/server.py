@@ -600,7 +600,7 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(_REFUSED[refused]))
             return
-        self.envelope.content = self.envelope.original_content = stream.content
+        self.envelope.content = self.envelope.original_content = stream.take()
         self.storing = True
         try:
             status = await self._call_handler_hook("DATA")

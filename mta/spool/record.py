@@ -194,7 +194,7 @@ class _ChunkCipher:
     def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
         return self._aead.encrypt(self._nonce(index, last), plaintext, self._header)
 
-    def open(self, index: int, ciphertext: bytes, last: bool) -> bytes:
+    def open(self, index: int, ciphertext: bytes | memoryview, last: bool) -> bytes:
         try:
             return self._aead.decrypt(self._nonce(index, last), ciphertext, self._header)
         except InvalidTag:
@@ -391,6 +391,34 @@ class Opener:
                 raise RecordError("truncated record: no final chunk")
             return cipher.open(self._index, bytes(self._buffer), last=True)
 
+    def whole(self, data: bytes) -> bytes:
+        """The plaintext of the whole record ``data``, instead of ``feed`` and ``close``:
+        the same checks and the same result, each chunk opened straight from a view of
+        ``data`` instead of from a copy of it (a re-read 1 MiB message held five copies
+        at once, this four)."""
+        with self._failing_closed():
+            if self._index or self._buffer or self._cipher:
+                raise ValueError("Opener already in use")
+            self._done = True
+            header = _parse_header(data)
+            if header is None:
+                raise RecordError("truncated record header")
+            self._header = header
+            cipher = _ChunkCipher(self._unwrap(header), header.nonce_prefix, header.raw)
+            view = memoryview(data)[len(header.raw) :]
+            size = self._sealed_size
+            # As ``feed``: a full chunk with nothing after it is the final one.
+            full = max(0, -(-len(view) // size) - 1)
+            plain = [
+                cipher.open(index, view[index * size : (index + 1) * size], last=False)
+                for index in range(full)
+            ]
+            final = view[full * size :]
+            if len(final) < TAG_SIZE:
+                raise RecordError("truncated record: no final chunk")
+            plain.append(cipher.open(full, final, last=True))
+            return b"".join(plain)
+
     @contextlib.contextmanager
     def _failing_closed(self) -> Iterator[None]:
         if self._done:
@@ -463,4 +491,4 @@ def unseal(
     chunk_size: int = CHUNK_SIZE,
 ) -> bytes:
     """The whole authenticated payload of a record (``RecordError`` on any failure)."""
-    return b"".join(open_stream([data], kind=kind, qid=qid, keys=keys, chunk_size=chunk_size))
+    return Opener(kind=kind, qid=qid, keys=keys, chunk_size=chunk_size).whole(data)

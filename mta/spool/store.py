@@ -260,6 +260,7 @@ class SpoolStore(SpoolDirectory):
         tmp = self.tmp_dir / qid
         with _storage_errors("store", qid):
             fd = _files.create_written(tmp, record)
+        del record  # in the page cache now: not held in memory through the fsync wait
         # The thread owns ``fd`` from here and runs to the end whatever happens to this
         # task (a cancelled run_in_executor could cancel a job not yet started, and the
         # fd with it; closing the fd here could hand its number to the next put).

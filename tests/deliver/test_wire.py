@@ -1,4 +1,4 @@
-"""``data_payload`` sends exactly what aiosmtplib's DATA would have sent."""
+"""``data_payload_parts`` send exactly what aiosmtplib's DATA would have sent."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.deliver.wire import data_payload
+from mta.deliver.wire import data_payload_parts
+
+
+def data_payload(content: bytes) -> bytes:
+    return b"".join(data_payload_parts(content))
 
 
 def aiosmtplib_payload(content: bytes) -> bytes:
@@ -33,3 +37,10 @@ def test_examples(content: bytes, wire: bytes) -> None:
 @given(st.binary(max_size=64) | st.lists(st.sampled_from([b"\r", b"\n", b".", b"a"])).map(b"".join))
 def test_agrees_with_aiosmtplib(content: bytes) -> None:
     assert data_payload(content) == aiosmtplib_payload(content)
+
+
+def test_a_message_that_needs_no_change_is_sent_as_itself_not_copied() -> None:
+    content = b"Subject: x\r\n\r\n" + b"y" * 70 + b"\r\n"
+    body, end = data_payload_parts(content)
+    assert body is content
+    assert end == b".\r\n"

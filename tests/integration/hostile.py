@@ -108,6 +108,7 @@ class HostileServer(_LoopThread):
         inject: bytes sent after ``220 Ready to start TLS`` and before the handshake.
         separate: send them in a write of their own (else the same write as the 220).
         surplus: bytes sent right after the EHLO reply over TLS, in the same write.
+        stall: after ``354`` to DATA, read nothing more (a peer that stopped reading).
     """
 
     def __init__(
@@ -119,10 +120,11 @@ class HostileServer(_LoopThread):
         inject: bytes = b"",
         separate: bool = False,
         surplus: bytes = b"",
+        stall: bool = False,
     ) -> None:
         super().__init__(host, port, "hostile")
         self.context, self.inject, self.separate = context, inject, separate
-        self.surplus = surplus
+        self.surplus, self.stall = surplus, stall
         self.commands: list[Seen] = []
         self.messages: list[tuple[bool, bytes]] = []  # (over TLS, DATA bytes up to the dot)
 
@@ -151,6 +153,10 @@ class HostileServer(_LoopThread):
                 tls = True
             elif verb == b"DATA":
                 writer.write(b"354 2.0.0 go ahead\r\n")
+                await writer.drain()
+                if self.stall:  # until the client gives up and closes
+                    await reader.read()
+                    break
                 data = b""
                 while (chunk := await reader.readline()) not in (b".\r\n", b""):
                     data += chunk

@@ -7,16 +7,21 @@
 - An envelope address holding CR, LF or NUL is refused before anything of it is
   written: a bounce for that address (``553``), never "sent".
 - A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): deferred, not bounced.
+- A peer that stops reading in the middle of DATA: the message is written in slices
+  as the connection takes them, so the delivery ends at the command timeout, deferred.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+import uvloop
 
 from mta.config import Config, validate
 from mta.model import DeliveryResult, Outcome
@@ -37,10 +42,10 @@ def mx_tls(tls_ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
-def config(port: int) -> Config:
+def config(port: int, command_timeout: str = "5s") -> Config:
     raw: dict[str, Any] = {
         "hostname": "relay.test",
-        "outbound": {"port": port, "connect_timeout": "5s", "command_timeout": "5s"},
+        "outbound": {"port": port, "connect_timeout": "5s", "command_timeout": command_timeout},
         "route": [{"domain": "dest.test", "nexthop": f"[{MX_IP}]:{port}"}],
     }
     return validate(raw, "test.toml", Path("/nonexistent"))
@@ -111,3 +116,24 @@ def test_552_to_rcpt_defers(tls_ca: trustme.CA) -> None:
         "carol@dest.test": (Outcome.DEFERRED, 552),
         "dave@dest.test": (Outcome.BOUNCED, 550),
     }
+
+
+def test_a_peer_that_stops_reading_mid_data_defers_at_the_timeout(
+    mx_tls: ssl.SSLContext,
+) -> None:
+    # On uvloop, as ``mta run``: its TLS transport tells the client when to stop
+    # writing (after about 9 MB on loopback here), and the wait for room is bounded by
+    # the command timeout. 20 s: a wait without a bound fails the test, not hangs it.
+    big = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 400_000  # 32 MB
+    with HostileServer(MX_IP, context=mx_tls, stall=True) as mx:
+        cfg = config(mx.port, command_timeout="1s")
+        attempt = outbound.attempt(cfg, "dest.test", ("bob@dest.test",), big)
+        started = time.monotonic()
+        result = uvloop.run(asyncio.wait_for(attempt, 20))
+        took = time.monotonic() - started
+    (only,) = result.results
+    assert only.outcome is Outcome.DEFERRED
+    assert (only.reply.code, only.reply.enhanced) == (451, "4.4.2")
+    assert only.reply.text.startswith("timeout with ")
+    assert only.reply.text.endswith(" during DATA")
+    assert took < 10

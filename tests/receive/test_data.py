@@ -80,6 +80,17 @@ def test_examples(stream: bytes, content: bytes, leftover: bytes) -> None:
     assert (reader.content, reader.leftover) == (content, leftover)
 
 
+def test_take_hands_the_content_over_as_bytes_and_keeps_no_copy() -> None:
+    reader = DataStream(0)
+    assert not reader.feed(b"..first\r\n" + b"x" * 998)
+    assert reader.feed(b"\r\n.\r\nQUIT\r\n")
+    body = reader.take()
+    assert type(body) is bytes
+    assert body == b".first\r\n" + b"x" * 998 + b"\r\n"
+    assert reader.content == b""
+    assert reader.leftover == b"QUIT\r\n"
+
+
 @given(
     data=st.lists(st.sampled_from([b"a", b"bb", b"\r\n", b"\r", b"\n", b"x" * 7]), max_size=40).map(
         b"".join

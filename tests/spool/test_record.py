@@ -160,6 +160,21 @@ def test_whole_is_for_a_fresh_sealer_only() -> None:
         once.whole(b"payload")
 
 
+def test_opener_whole_is_for_a_fresh_opener_only_and_agrees_with_feeding() -> None:
+    payload = bytes(range(256)) * 3
+    record = make(payload)
+    fed = Opener(kind=MESSAGE, qid=QID, keys=KEYS, chunk_size=CS)
+    streamed = b"".join(fed.feed(record[:100])) + b"".join(fed.feed(record[100:])) + fed.close()
+    whole = Opener(kind=MESSAGE, qid=QID, keys=KEYS, chunk_size=CS)
+    assert whole.whole(record) == streamed == payload
+    with pytest.raises(RecordError, match="closed"):
+        whole.whole(record)
+    used = Opener(kind=MESSAGE, qid=QID, keys=KEYS, chunk_size=CS)
+    used.feed(record[:100])
+    with pytest.raises(ValueError, match="in use"):
+        used.whole(record)
+
+
 def test_header_fields() -> None:
     record = make(b"hello", kind=RecordKind.STATE, key_id="k2")
     header = read_header(record)
