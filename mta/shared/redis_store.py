@@ -76,6 +76,16 @@ class SharedStore:
     async def get(self, name: str) -> bytes | None:
         return await self._call(lambda: self._client.get(name))
 
+    async def get_opened(self, name: str, unseal: Callable[[str, bytes], bytes]) -> bytes | None:
+        """The value under ``name`` opened by ``unseal``: None when there is none or Redis
+        is away (a miss, as for a relay alone); a value that does not open raises
+        ``unseal``'s error, for the caller to name in its warning."""
+        try:
+            sealed = await self.get(name)
+        except Unavailable:
+            return None
+        return None if sealed is None else unseal(name, sealed)
+
     async def put(self, name: str, value: bytes, ttl: float) -> None:
         """SET with an expiry (whole seconds, at least one)."""
         await self._call(lambda: self._client.set(name, value, ex=_seconds(ttl)))

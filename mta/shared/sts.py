@@ -40,15 +40,9 @@ class SharedPolicies:
 
     async def get(self, domain: str) -> CachedPolicy | None:
         """The fleet's cached policy of ``domain``; None when none, or Redis is away."""
-        name = self._name(domain)
         try:
-            sealed = await self._store.get(name)
-        except Unavailable:
-            return None
-        if sealed is None:
-            return None
-        try:
-            return decode(self._key.unseal(name, sealed), domain)
+            opened = await self._store.get_opened(self._name(domain), self._key.unseal)
+            return None if opened is None else decode(opened, domain)
         except (Unsealable, ValueError, StsError) as err:
             log.warning("shared.sts.unreadable", extra={"error": str(err)})
             return None

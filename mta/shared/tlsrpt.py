@@ -163,13 +163,8 @@ class FleetReports:
         Redis is away)."""
         name = self._key.name("tlsrpt-sent", day.isoformat(), domain)
         try:
-            sealed = await self._store.get(name)
-        except Unavailable:
-            return None
-        if sealed is None:
-            return None
-        try:
-            return _decode_progress(self._key.unseal(name, sealed))
+            opened = await self._store.get_opened(name, self._key.unseal)
+            return None if opened is None else _decode_progress(opened)
         except (Unsealable, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("shared.tlsrpt.sent_unreadable", extra={"error": str(err)})
             return Progress(frozenset({"*"}), {"*": 1})  # never send twice
