@@ -327,11 +327,15 @@ def events_for(directories: Directories, keyring: KeyRing, qid: str) -> Iterator
     """Every stored event of one message, oldest first (headers say whose: only its
     entries are opened). A message's events are all in its shard's directory, unless
     it was adopted by another shard: then merged by time."""
-    each = [
-        (event for name in day_files(d) for event in _file_events(d / name, keyring, qid))
-        for d in _dirs(directories)
-    ]
+    each = [_directory_events(d, keyring, qid) for d in _dirs(directories)]
     return heapq.merge(*each, key=lambda event: event.at)
+
+
+def _directory_events(directory: Path, keyring: KeyRing, qid: str) -> Iterator[Event]:
+    """One directory's events of ``qid``, oldest first. A function, not a generator
+    expression in a loop: that would read every file under the loop's last directory."""
+    for name in day_files(directory):
+        yield from _file_events(directory / name, keyring, qid)
 
 
 def _file_events(path: Path, keyring: KeyRing, qid: str | None = None) -> Iterator[Event]:

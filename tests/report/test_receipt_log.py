@@ -216,6 +216,22 @@ def test_events_for_one_message_and_key_references(tmp_path: Path, keyring: KeyR
     assert key_references(directory) == {keyring.active_id: 4}  # the anchor too
 
 
+def test_events_for_reads_each_directory_of_a_group(tmp_path: Path, keyring: KeyRing) -> None:
+    """A message received by a single relay, then adopted by a group's shard: both
+    directories' events, each read where it is (not the last directory's path)."""
+    root, shard = tmp_path / "receipts", tmp_path / "shards" / "1" / "receipts"
+    before = _open(root, keyring, FakeClock(T0))
+    before(replace(RECEIVED, qid=QueueId("a"), at=T0))
+    asyncio.run(before.flush())
+    after = _open(shard, keyring, FakeClock(T0 + 1))
+    after(replace(ATTEMPT, qid=QueueId("a"), at=T0 + 1))
+    asyncio.run(after.flush())
+    assert [type(e).__name__ for e in events_for([root, shard], keyring, "a")] == [
+        "MessageReceived",
+        "DeliveryAttempt",
+    ]
+
+
 def test_a_failed_write_leaves_no_torn_entry_and_keeps_the_events(
     tmp_path: Path, keyring: KeyRing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
