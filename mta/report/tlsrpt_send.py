@@ -12,8 +12,9 @@ receipt log), so they survive restarts; nothing is counted in memory.
   leaves through our queue, encryption and destination policy, and is never counted
   in a report itself.
 - Once: what was done for each (day, policy domain) is a sealed record under
-  ``<spool>/tlsrpt/<day>/<domain>`` (the spool's sealing, kind "state"): the
-  destinations reached and the tries made. A destination reached is never tried
+  ``<spool>/tlsrpt/<day>/<domain>`` (the spool's sealing, kind "state"; the spool
+  root's, also in a relay group: ``SentState``): the destinations reached and the
+  tries made. A destination reached is never tried
   again; one that failed is retried by the next run, up to ``MAX_TRIES`` in all. A
   record that no longer opens (a pruned key) counts as done: a report never goes twice.
 - When: after each UTC midnight plus a random jitter (up to ``MAX_JITTER``), the day
@@ -45,6 +46,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 import dkim  # type: ignore[import-untyped]  # dkimpy ships no type hints
 
+from mta import shards
 from mta.clock import Clock
 from mta.config import Config
 from mta.durable import DIR_MODE, read_file, replace_durably
@@ -207,11 +209,36 @@ class Progress:
 
 
 class SentState:
-    """Sealed (day, domain) -> ``Progress`` records under ``<spool>/tlsrpt/``."""
+    """Sealed (day, domain) -> ``Progress`` records under ``<spool>/tlsrpt/``.
 
-    def __init__(self, spool: Path, keyring: KeyRing, random: Callable[[int], bytes]) -> None:
+    One place for the whole relay group: the spool root's ``tlsrpt/``, whatever
+    ``[server] workers`` is. A single relay always kept it there, and a group's only
+    sender is worker 0, so a change of worker count (1 -> N, N -> 1) finds what was
+    sent where it was left, with one writer and nothing to move (moving it at start
+    would need the spool keys, which a group's supervisor never opens). ``also``:
+    directories where earlier groups kept it (``<spool>/shards/<k>``), still read until
+    their days expire; a destination done in any of them is done.
+    """
+
+    def __init__(
+        self,
+        spool: Path,
+        keyring: KeyRing,
+        random: Callable[[int], bytes],
+        *,
+        also: Sequence[Path] = (),
+    ) -> None:
         self.root = spool / "tlsrpt"
+        self._older = [path / "tlsrpt" for path in also if path != spool]
         self._keyring, self._random = keyring, random
+
+    @classmethod
+    def of_group(
+        cls, config: Config, keyring: KeyRing, random: Callable[[int], bytes]
+    ) -> SentState:
+        """The sent-state of the relay or relay group ``config`` (a worker's) runs in."""
+        group = shards.group_config(config)
+        return cls(group.spool.path, keyring, random, also=shards.spool_dirs(group))
 
     def _path(self, day: date, domain: str) -> tuple[Path, str]:
         name = f"tlsrpt.{day.isoformat()}.{domain}"
@@ -220,7 +247,22 @@ class SentState:
     def load(self, day: date, domain: str) -> Progress | None:
         """What was done; None if nothing yet. A record that does not open counts as
         done for every destination (never send twice)."""
-        path, name = self._path(day, domain)
+        name = self._path(day, domain)[1]
+        found = [
+            progress
+            for root in (self.root, *self._older)
+            if (progress := self._load(root / day.isoformat() / domain, name)) is not None
+        ]
+        if not found:
+            return None
+        done = frozenset().union(*(p.done for p in found))
+        tries: dict[str, int] = {}
+        for progress in found:
+            for destination, count in progress.tries.items():
+                tries[destination] = max(count, tries.get(destination, 0))
+        return Progress(done, tries)
+
+    def _load(self, path: Path, name: str) -> Progress | None:
         try:
             data = read_file(path, 1 << 20)
         except FileNotFoundError:
@@ -255,18 +297,19 @@ class SentState:
         replace_durably(path.with_name(f".{domain}.tmp"), path, record)
 
     def expire(self, today: date) -> None:
-        """Forget the records of days older than ``KEEP_DAYS``."""
-        if not self.root.is_dir():
-            return
-        for directory in self.root.iterdir():
-            try:
-                day = date.fromisoformat(directory.name)
-            except ValueError:
+        """Forget the records of days older than ``KEEP_DAYS`` (earlier groups' too)."""
+        for root in (self.root, *self._older):
+            if not root.is_dir():
                 continue
-            if day < today - timedelta(days=KEEP_DAYS):
-                for file in directory.iterdir():
-                    file.unlink(missing_ok=True)
-                directory.rmdir()
+            for directory in root.iterdir():
+                try:
+                    day = date.fromisoformat(directory.name)
+                except ValueError:
+                    continue
+                if day < today - timedelta(days=KEEP_DAYS):
+                    for file in directory.iterdir():
+                        file.unlink(missing_ok=True)
+                    directory.rmdir()
 
 
 def _sealed_done(progress: Progress | None) -> bool:
@@ -597,7 +640,7 @@ def build_reporter(
         dns=dns,
         post=HttpsPoster(ssl_context, resolve),
         mail=mail,
-        state=SentState(config.spool.path, keyring, os.urandom),
+        state=SentState.of_group(config, keyring, os.urandom),
         clock=clock,
         rand=random.SystemRandom().random,
         hostname=hostname,

@@ -3,8 +3,9 @@
 The supervisor (``mta run``) starts two workers, each a whole relay on its own spool
 shard, listening on the same port (SO_REUSEPORT). Mail goes through both over STARTTLS;
 ``mta stats``, ``queue`` and ``reload`` answer for both shards through the group's
-control socket; records move between shards when ``workers`` changes; the key tools
-count every shard; SIGTERM drains every process and a killed supervisor takes its
+control socket; records move between shards when ``workers`` changes, and a TLS
+report sent before the change is not sent again after it; the key tools count every
+shard; SIGTERM drains every process and a killed supervisor takes its
 workers with it (they drain).
 """
 
@@ -23,6 +24,7 @@ import trustme
 
 from tests.integration.receivers import Receiver
 from tests.integration.relayproc import RelayProcess, free_port, policy, wait_until
+from tests.integration.reportlab import STS, WAIT, report_lab, send, shown, wait_counts
 
 SENDER = "group@sender.test"
 MESSAGES = 12  # each on its own connection: the kernel spreads them over the workers
@@ -180,6 +182,65 @@ def test_records_move_between_shards_when_workers_change(
         assert flushed.returncode == 0, flushed.stderr
         wait_until(lambda: len(receiver.messages) == MESSAGES, 30, "the adopted mail delivered")
         wait_until(lambda: not process.spooled("msg"), 10, "the shards drained")
+
+
+def receipts_entries(process: RelayProcess) -> int:
+    """``mta receipts verify``: how many entries every receipt chain holds (all sound)."""
+    verified = process.mta("receipts", "verify")
+    assert verified.returncode == 0, verified.stderr
+    return int(verified.stdout.split()[1])
+
+
+def accepted(process: RelayProcess) -> list[str]:
+    """The queue ids the relay logged as accepted, in order."""
+    return re.findall(r"receive\.accepted qid=(\S+)", process.log)
+
+
+def restart_with(process: RelayProcess, workers: int, policy_text: str) -> None:
+    assert process.terminate() == 0
+    process.workers = workers
+    process.write_policy(policy_text)
+    process.start()
+
+
+@pytest.mark.timeout(240)
+def test_a_report_sent_before_the_worker_count_changed_is_not_sent_again(
+    tmp_path: Path, started: list[RelayProcess]
+) -> None:
+    """The sent-state is the group's (``SentState``): 1 -> 2 -> 1 workers, one POST; the
+    counts and receipts of the days before each change are still seen."""
+    with report_lab(tmp_path / "lab") as lab:
+        process = RelayProcess(tmp_path, lab.relay_policy(), workers=1)
+        started.append(process)
+        process.start()
+        send(process, STS, 2)
+        lab.mx[STS].wait_for(2, WAIT)
+        wait_counts(process, {STS: (2, 0)})
+        first = process.mta("tlsrpt", "send")
+        assert first.stdout.strip() == "tlsrpt: sent=1 failed=0 already=0 no_record=0"
+        assert len(lab.collector.posts) == 1
+        entries = receipts_entries(process)
+        qid = accepted(process)[0]
+
+        restart_with(process, 2, lab.relay_policy())  # 1 -> 2
+        assert set(process.worker_pids()) == {0, 1}
+        assert shown(process) == {STS: ((2, 0), "sent")}
+        again = process.mta("tlsrpt", "send")
+        assert again.stdout.strip() == "tlsrpt: sent=0 failed=0 already=1 no_record=0"
+        assert receipts_entries(process) >= entries
+        assert qid in process.mta("receipts", "show", qid).stdout
+        send(process, STS, 1)  # the group's own sessions join the day's
+        lab.mx[STS].wait_for(3, WAIT)
+        wait_counts(process, {STS: (3, 0)})
+        entries = receipts_entries(process)
+
+        restart_with(process, 1, lab.relay_policy())  # 2 -> 1
+        assert shown(process) == {STS: ((3, 0), "sent")}
+        last = process.mta("tlsrpt", "send")
+        assert last.stdout.strip() == "tlsrpt: sent=0 failed=0 already=1 no_record=0"
+        assert receipts_entries(process) >= entries
+        assert qid in process.mta("receipts", "show", qid).stdout
+        assert len(lab.collector.posts) == 1  # one report for the day, whatever the count
 
 
 @pytest.mark.timeout(120)

@@ -15,105 +15,35 @@ its own data directory and spool, one fleet key) use it. What must hold:
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import trustme
 
 from mta.shared import fleet_key
-from tests.integration.dnslab import PROBE, DnsLab
-from tests.integration.receivers import Receiver
 from tests.integration.redisserver import RedisServer
-from tests.integration.relayproc import RelayProcess, common_port, run_mta, wait_until
-from tests.integration.stsserver import POLICY_PATH, Route, StsServer
-from tests.report.tlsrpt_checks import check_report_json, parse_report_mail
-
-SENDER = "alice@sender.test"
-STS = "sts-fleet.test"
-PLAIN = "plain-fleet.test"
-MX_IP = {STS: "127.0.0.201", PLAIN: "127.0.0.202"}
-POLICY_IP = "127.0.0.211"
-REPORTS_IP = "127.0.0.209"
-COLLECTOR_IP = "127.0.0.219"
-REPORT_PATH = "/v1/tlsrpt"
-POLICY = f"version: STSv1\nmode: enforce\nmx: mx.{STS}\nmax_age: 86400\n"
-WAIT = 60.0
-
-
-@dataclass
-class Lab:
-    """DNS, the receiving MX hosts, the policy server, the report receivers."""
-
-    resolver: str
-    ca_file: Path
-    smtp_port: int
-    https_port: int
-    mx: dict[str, Receiver]
-    policy: StsServer
-    reports: Receiver
-    collector: StsServer
+from tests.integration.relayproc import RelayProcess, run_mta, wait_until
+from tests.integration.reportlab import (
+    PLAIN,
+    REPORT_PATH,
+    STS,
+    WAIT,
+    Lab,
+    posted,
+    report_lab,
+    send,
+    wait_counts,
+)
+from tests.integration.stsserver import POLICY_PATH, Route
+from tests.report.tlsrpt_checks import parse_report_mail
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    work = tmp_path_factory.mktemp("fleet-lab")
-    ca = trustme.CA()
-    ca_file = work / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    hosts = [*MX_IP.values(), POLICY_IP, REPORTS_IP, COLLECTOR_IP]
-    smtp_port, https_port = common_port(hosts), common_port(hosts)
-    dns = DnsLab(work / "dns")
-    dns.add_zone(
-        STS,
-        [
-            "@ MX 10 mx",
-            f"mx A {MX_IP[STS]}",
-            '_mta-sts TXT "v=STSv1; id=fleet1"',
-            f"mta-sts A {POLICY_IP}",
-            f'_smtp._tls TXT "v=TLSRPTv1; rua=https://collector.test:{https_port}{REPORT_PATH}"',
-        ],
-        signed=False,
-    )
-    dns.add_zone(
-        PLAIN,
-        [
-            "@ MX 10 mx",
-            f"mx A {MX_IP[PLAIN]}",
-            '_smtp._tls TXT "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"',
-        ],
-        signed=False,
-    )
-    dns.add_zone("reports.test", ["@ MX 10 mx", f"mx A {REPORTS_IP}"], signed=False)
-    dns.add_zone("collector.test", [f"@ A {COLLECTOR_IP}"], signed=False)
-    host, port = dns.start()
-    started: list[Receiver | StsServer] = []
-    try:
-        mx = {
-            STS: Receiver(MX_IP[STS], smtp_port, ca=ca, cert=ca.issue_cert(f"mx.{STS}")),
-            PLAIN: Receiver(MX_IP[PLAIN], smtp_port, tls="none"),
-        }
-        policy = StsServer(POLICY_IP, https_port, cert=ca.issue_cert(f"mta-sts.{STS}"))
-        policy.set_policy(POLICY)
-        reports = Receiver(REPORTS_IP, smtp_port, ca=ca, cert=ca.issue_cert("mx.reports.test"))
-        collector = StsServer(
-            COLLECTOR_IP,
-            https_port,
-            cert=ca.issue_cert("collector.test"),
-            routes={REPORT_PATH: Route(200, "text/plain", "thanks")},
-        )
-        for server in (*mx.values(), policy, reports, collector):
-            started.append(server.start())
-        yield Lab(f"{host}:{port}", ca_file, smtp_port, https_port, mx, policy, reports, collector)
-    finally:
-        for server in started:
-            server.stop()
-        dns.stop()
+    with report_lab(tmp_path_factory.mktemp("fleet-lab")) as started:
+        yield started
 
 
 @dataclass
@@ -139,12 +69,7 @@ def fleet(lab: Lab, tmp_path: Path, workers_a: int) -> Iterator[Fleet]:
     relays = [
         RelayProcess(
             tmp_path / name,
-            f'[dns]\nresolvers = ["{lab.resolver}"]\ndnssec_probe = "{PROBE}"\n'
-            f'[tls]\nca_file = "{lab.ca_file}"\n'
-            f'[outbound]\nport = {lab.smtp_port}\nretry_min = "1h"\nretry_max = "2h"\n'
-            f"[mta_sts]\nport = {lab.https_port}\n"
-            f'[tlsrpt]\norganization = "Fleet Test"\nfrom = "tlsrpt@relay.test"\n'
-            f'[shared]\nredis_url = "{redis.url}"\nkey_file = "{key}"\n'
+            lab.relay_policy() + f'[shared]\nredis_url = "{redis.url}"\nkey_file = "{key}"\n'
             f'timeout = "0.5s"\npublish_interval = "1s"\n',
             workers=workers_a if name == "a" else 1,
         )
@@ -159,36 +84,6 @@ def fleet(lab: Lab, tmp_path: Path, workers_a: int) -> Iterator[Fleet]:
         for relay in relays:
             relay.stop()
         redis.stop()
-
-
-def send(relay: RelayProcess, domain: str, count: int) -> None:
-    for n in range(count):
-        relay.send(SENDER, [f"user{n}@{domain}"], f"Subject: {n}\r\n\r\nhello\r\n")
-
-
-def counts(relay: RelayProcess) -> dict[str, tuple[int, int]]:
-    """``mta tlsrpt show --json``: policy domain -> (successful, failed) sessions."""
-    shown = relay.mta("tlsrpt", "show", "--json")
-    assert shown.returncode == 0, shown.stderr
-    found = {}
-    for entry in json.loads(shown.stdout):
-        summary = entry["report"]["policies"][0]["summary"]
-        found[entry["policy-domain"]] = (
-            summary["total-successful-session-count"],
-            summary["total-failure-session-count"],
-        )
-    return found
-
-
-def wait_counts(relay: RelayProcess, want: dict[str, tuple[int, int]]) -> None:
-    wait_until(lambda: counts(relay) == want, WAIT, f"counts {want} (got {counts(relay)})")
-
-
-def posted(lab: Lab, since: int) -> list[dict[str, Any]]:
-    reports = [json.loads(gzip.decompress(body)) for _, _, body in lab.collector.posts[since:]]
-    for report in reports:
-        check_report_json(report)
-    return reports
 
 
 def assert_nothing_named(redis: RedisServer) -> None:

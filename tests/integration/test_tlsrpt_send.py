@@ -33,6 +33,7 @@ from mta.report.tlsrpt_mail import ReportSender
 from mta.report.tlsrpt_send import (
     MAX_TRIES,
     HttpsPoster,
+    Progress,
     SentState,
     TlsReporter,
 )
@@ -188,6 +189,22 @@ def test_the_sent_state_survives_a_new_reporter_and_tries_are_bounded(
         count = len(srv.posts)
     assert count == MAX_TRIES  # then the report is given up, not retried forever
     assert len(mailed) == 1  # a new reporter (a restart) reads the sealed state
+
+
+def test_the_group_reads_the_sent_state_an_earlier_group_kept_in_a_shard(
+    tmp_path: Path,
+) -> None:
+    """Groups once kept it under ``shards/0``: still read (merged), written at the root."""
+    keyring = KeyRing.create(tmp_path / "keys" / "spool.key")
+    spool, shard = tmp_path / "spool", tmp_path / "spool" / "shards" / "0"
+    SentState(shard, keyring, os.urandom).save(DAY, "a.test", Progress(frozenset({"x"}), {"x": 1}))
+    SentState(spool, keyring, os.urandom).save(DAY, "a.test", Progress(frozenset(), {"y": 2}))
+    group = SentState(spool, keyring, os.urandom, also=[spool, shard])
+    assert group.load(DAY, "a.test") == Progress(frozenset({"x"}), {"x": 1, "y": 2})
+    assert group.load(DAY, "b.test") is None
+    group.expire(date(2026, 12, 31))  # every copy of an old day goes
+    assert not (shard / "tlsrpt" / DAY.isoformat()).exists()
+    assert not (spool / "tlsrpt" / DAY.isoformat()).exists()
 
 
 def test_a_redirect_is_not_followed_and_an_untrusted_collector_gets_nothing(
