@@ -57,7 +57,13 @@ from mta.receive.server import (
 from mta.receive.tls import ensure_self_signed, server_context, warn_certificates
 from mta.report.http import MetricsServer, parse_days, start_http
 from mta.report.metrics import Metrics
-from mta.report.receipt_log import ReceiptLog, read_events, receipt_dirs, receipts_dir
+from mta.report.receipt_log import (
+    ReceiptLog,
+    read_events,
+    receipt_dirs,
+    receipts_dir,
+    retired_receipt_dirs,
+)
 from mta.report.tlsrpt_send import TlsReporter, build_reporter
 from mta.report.transparency_cli import make_report_provider
 from mta.schedule.scheduler import Scheduler
@@ -448,6 +454,7 @@ async def _start(
         keyring,
         max_age=config.receipts.max_age,
         clock=clock,
+        retired=retired_receipt_dirs(config),
     )
     events.add(receipts)
     metrics = Metrics(clock)  # Prometheus, served on [metrics] listen

@@ -13,7 +13,9 @@ to 1) are renamed into a live one, the message first and then its state, each in
 the live directory already holding its message (else one chosen by its queue id),
 so a crash part way leaves nothing that the next start cannot finish. Receipt files
 are not moved (each directory is one chain); they are read where they are
-(``receipt_log.receipt_dirs``).
+(``receipt_log.receipt_dirs``), and a retired one's expire with the relay's or worker
+0's own (``receipt_log.retired_receipt_dirs``). Nor is the TLS-RPT sent-state: it is
+the group's, at the spool root (``tlsrpt_send.SentState``).
 """
 
 from __future__ import annotations

@@ -85,6 +85,17 @@ def receipt_dirs(config: Config) -> list[Path]:
     return [receipts_dir(c) for c in shards.spool_configs(shards.group_config(config))]
 
 
+def retired_receipt_dirs(config: Config) -> list[Path]:
+    """The receipt directories of spool directories the group no longer runs on (the
+    root's after 1 -> N workers, shards beyond N), for the relay or worker 0 alone to
+    expire (``ReceiptLog``); another worker's is empty."""
+    group = shards.group_config(config)
+    live = shards.live_dirs(group)
+    if config.spool.path != live[0]:
+        return []
+    return [receipts_dir(c) for c in shards.spool_configs(group) if c.spool.path not in live]
+
+
 def _dirs(directories: Directories) -> list[Path]:
     return [directories] if isinstance(directories, Path) else list(directories)
 
@@ -123,7 +134,9 @@ class ReceiptLog:
     """The event sink that keeps every event in the sealed, chained day files.
 
     Build it with ``open`` (off the loop: it reads the newest file's frames), run
-    ``run()`` as a task; cancelling the task flushes what is left.
+    ``run()`` as a task; cancelling the task flushes what is left. ``retired``: receipt
+    directories no relay writes any more (``retired_receipt_dirs``), still read; their
+    day files expire with ours, so ``[receipts] max_age`` holds for them too.
     """
 
     def __init__(
@@ -136,8 +149,10 @@ class ReceiptLog:
         link: Link,
         file: str | None,
         random: Callable[[int], bytes] = os.urandom,
+        retired: Sequence[Path] = (),
     ) -> None:
         self.directory = directory
+        self._retired = list(retired)
         self._keyring = keyring
         self._max_age = max_age
         self._clock = clock
@@ -159,6 +174,7 @@ class ReceiptLog:
         max_age: float,
         clock: Clock,
         random: Callable[[int], bytes] = os.urandom,
+        retired: Sequence[Path] = (),
     ) -> ReceiptLog:
         """Make the directory, cut a torn tail off the newest file and find the chain's
         end, so this run continues it."""
@@ -166,7 +182,14 @@ class ReceiptLog:
         os.chmod(directory, _files.DIR_MODE)
         link, file = _recover(directory)
         return cls(
-            directory, keyring, max_age=max_age, clock=clock, link=link, file=file, random=random
+            directory,
+            keyring,
+            max_age=max_age,
+            clock=clock,
+            link=link,
+            file=file,
+            random=random,
+            retired=retired,
         )
 
     def __call__(self, event: Event) -> None:
@@ -237,7 +260,8 @@ class ReceiptLog:
         self._link, self._file = link, file
         today = day_name(now)
         if self._expired_on != today:
-            expire(self.directory, oldest_kept(now, self._max_age))
+            for directory in (self.directory, *self._retired):
+                expire(directory, oldest_kept(now, self._max_age))
             self._expired_on = today
 
     def _append(self, path: Path, data: bytes) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mta import config, shards
 from mta.events import Event
 from mta.model import QueueId
 from mta.report import receipt_log
@@ -21,6 +22,7 @@ from mta.report.receipt_log import (
     events_for,
     key_references,
     read_events,
+    retired_receipt_dirs,
     verify,
 )
 from mta.report.receipts import Frame, walk
@@ -187,6 +189,42 @@ def test_files_older_than_max_age_expire_and_the_rest_still_verify(
     assert day_files(directory) == ["2024-03-03", "2024-03-04", "2024-03-05"]
     verdict = verify(directory, keyring, now=clock.moment, max_age=2 * DAY)
     assert (verdict.bad, verdict.files) == (None, 3)
+
+
+def test_a_retired_directory_expires_with_ours(tmp_path: Path, keyring: KeyRing) -> None:
+    """A group's former directory is no chain of ours, but ``max_age`` holds for it."""
+    retired = tmp_path / "old" / "receipts"
+    clock = FakeClock(T0)
+    old = _open(retired, keyring, clock)
+    for day in range(3):
+        old(_event(day, T0 + day * DAY + 5))
+    asyncio.run(old.flush())
+    clock.moment = T0 + 4 * DAY  # 2024-03-05: keep 03-03 and later
+    log = ReceiptLog.open(
+        tmp_path / "receipts", keyring, max_age=2 * DAY, clock=clock, retired=[retired]
+    )
+    log(_event(9, clock.moment))
+    asyncio.run(log.flush())
+    assert day_files(retired) == ["2024-03-03"]
+
+
+def test_the_relay_or_worker_0_expires_the_retired_directories(tmp_path: Path) -> None:
+    def parsed(workers: int) -> config.Config:
+        text = f'[server]\nworkers = {workers}\n[spool]\npath = "spool"\n'
+        return config.parse_text(text, "test.toml", tmp_path)
+
+    spool = tmp_path / "spool"
+    for k in (0, 1, 2):
+        shards.shard_path(spool, k).mkdir(parents=True)
+    assert retired_receipt_dirs(parsed(1)) == [
+        shards.shard_path(spool, k) / "receipts" for k in (0, 1, 2)
+    ]
+    two = parsed(2)
+    assert retired_receipt_dirs(shards.worker_config(two, 0)) == [
+        spool / "receipts",
+        shards.shard_path(spool, 2) / "receipts",
+    ]
+    assert retired_receipt_dirs(shards.worker_config(two, 1)) == []
 
 
 def test_read_events_opens_only_the_files_of_the_window(tmp_path: Path, keyring: KeyRing) -> None:
