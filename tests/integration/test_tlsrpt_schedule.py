@@ -232,7 +232,7 @@ def test_the_daily_send_waits_its_delay_then_one_of_two_relays_sends_the_sum(
 
         first = asyncio.run(scenario())
         posts = srv.posts
-    assert MIDNIGHT + DELAY <= first < MIDNIGHT + DELAY + 2.0  # the delay, then at once
+    assert MIDNIGHT + DELAY <= first < MIDNIGHT + DELAY + 5.0  # the delay, then soon
     assert len(posts) == 1, posts  # one relay sent; the other found it taken or done
     report = json.loads(gzip.decompress(posts[0][2]))
     (policy,) = report["policies"]
