@@ -43,15 +43,41 @@ def shard_path(root: Path, index: int) -> Path:
     return root / SHARDS / str(index)
 
 
+def share(total: int, workers: int, index: int) -> int:
+    """Worker ``index``'s part of a group-wide limit of ``total``: the parts add up to
+    ``total`` (the first ``total % workers`` workers take one more), but never less
+    than 1, or a worker could not serve at all (so below ``workers`` the group's total
+    is ``workers``)."""
+    return max(1, total // workers + (1 if index < total % workers else 0))
+
+
 def worker_config(config: Config, index: int) -> Config:
     """What worker ``index`` of a group runs with: its shard as its spool, no metrics
-    listener of its own (the supervisor serves the group's), and TLS reports sent by
-    worker 0 alone (from every shard's receipts)."""
+    listener of its own (the supervisor serves the group's), TLS reports sent by
+    worker 0 alone (from every shard's receipts), and its share of each connection
+    limit: an operator's ``max_per_destination = 20`` means 20 connections to that
+    destination from the machine, as in Postfix, not 20 per process."""
+    workers = config.server.workers
+
+    def part(total: int) -> int:
+        return share(total, workers, index)
+
+    limits, outbound = config.limits, config.outbound
     return replace(
         config,
         spool=replace(config.spool, path=shard_path(config.spool.path, index)),
         metrics=replace(config.metrics, host=""),
         tlsrpt=replace(config.tlsrpt, enabled=config.tlsrpt.enabled and index == 0),
+        limits=replace(
+            limits,
+            connections=part(limits.connections),
+            connections_per_client=part(limits.connections_per_client),
+        ),
+        outbound=replace(
+            outbound,
+            max_connections=part(outbound.max_connections),
+            max_per_destination=part(outbound.max_per_destination),
+        ),
     )
 
 

@@ -102,6 +102,23 @@ def test_a_group_relays_over_starttls_and_both_workers_take_mail(
     assert process.log.count("mta.stopped") == 3  # both workers, then the supervisor
 
 
+@pytest.mark.timeout(90)
+def test_the_group_keeps_to_the_per_destination_limit_as_a_whole(
+    tls_ca: trustme.CA, tmp_path: Path, started: list[RelayProcess]
+) -> None:
+    """``max_per_destination = 2`` over two workers is one connection each: a slow
+    receiver sees at most two, where two workers with the whole limit each opened four."""
+    with Receiver("127.0.0.152", tls="fs", ca=tls_ca, data_delay=0.5) as receiver:
+        text = policy(f"[127.0.0.152]:{receiver.port}")
+        text = text.replace("[outbound]\n", "[outbound]\nmax_per_destination = 2\n", 1)
+        process = RelayProcess(tmp_path, text, workers=2)
+        started.append(process)
+        process.start()
+        send_each_on_its_own_connection(process, MESSAGES)
+        wait_until(lambda: len(receiver.messages) == MESSAGES, 60, "every message relayed")
+        assert receiver.connections <= 2, receiver.connections
+
+
 @pytest.mark.timeout(120)
 def test_the_group_socket_speaks_for_every_shard(
     tmp_path: Path, started: list[RelayProcess]

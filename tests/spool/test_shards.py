@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mta import config, shards
 from mta.errors import SpoolError
@@ -56,6 +58,27 @@ def test_a_worker_runs_on_its_shard_without_a_metrics_listener(tmp_path: Path) -
     assert not worker.tlsrpt.enabled
     assert shards.group_config(worker).spool.path == cfg.spool.path
     assert shards.group_config(cfg) is cfg
+
+
+def test_a_workers_connection_limits_are_its_share_of_the_groups() -> None:
+    text = (
+        "[server]\nworkers = 3\n[limits]\nconnections = 100\nconnections_per_client = 2\n"
+        "[outbound]\nmax_connections = 10\nmax_per_destination = 20\n"
+    )
+    cfg = config.parse_text(text, "test.toml", Path("/nonexistent"))
+    parts = [shards.worker_config(cfg, index) for index in range(3)]
+    assert [p.limits.connections for p in parts] == [34, 33, 33]
+    assert [p.outbound.max_connections for p in parts] == [4, 3, 3]
+    assert [p.outbound.max_per_destination for p in parts] == [7, 7, 6]
+    assert [p.limits.connections_per_client for p in parts] == [1, 1, 1]  # never 0
+
+
+@given(st.integers(1, 10_000), st.integers(1, 256))
+def test_the_shares_add_up_to_the_limit_and_none_is_zero(total: int, workers: int) -> None:
+    parts = [shards.share(total, workers, index) for index in range(workers)]
+    assert min(parts) >= 1
+    assert max(parts) - min(parts) <= 1
+    assert sum(parts) == max(total, workers)
 
 
 def test_live_and_present_directories(tmp_path: Path) -> None:
