@@ -36,7 +36,6 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -44,6 +43,7 @@ from typing import Final
 from mta import durable as _files
 from mta.errors import SpoolError, SpoolFull
 from mta.model import Envelope, QueueId
+from mta.spool.diskthreads import DiskThreads
 from mta.spool.envelope import decode_message, encode_message
 from mta.spool.keys import KeyRing
 from mta.spool.record import (
@@ -227,7 +227,7 @@ class SpoolStore(SpoolDirectory):
         self.keyring = keyring
         self._random = random
         self._new_qid = new_qid or (lambda: random_qid(random))
-        self._writers = ThreadPoolExecutor(SPOOL_WRITERS, thread_name_prefix="spool-write")
+        self._writers = DiskThreads(SPOOL_WRITERS, "spool-write")
         self._locks = _QidLocks()
 
     # --- messages ---
@@ -262,13 +262,13 @@ class SpoolStore(SpoolDirectory):
             fd = _files.create_written(tmp, record)
         del record  # in the page cache now: not held in memory through the fsync wait
         # The thread owns ``fd`` from here and runs to the end whatever happens to this
-        # task (a cancelled run_in_executor could cancel a job not yet started, and the
-        # fd with it; closing the fd here could hand its number to the next put).
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        job = self._writers.submit(self._settle, fd, tmp, qid)
-        job.add_done_callback(lambda finished: _report(loop, finished, done, qid, stored))
-        await done
+        # task (closing the fd here could hand its number to the next put).
+
+        def first(error: BaseException | None) -> None:
+            if error is None and stored is not None:
+                stored(qid)
+
+        await self._writers.submit(self._settle, fd, tmp, qid, first=first)
         log.info("spool.stored", extra={"qid": qid, "key_id": self.keyring.active_id})
         return qid
 
@@ -321,7 +321,7 @@ class SpoolStore(SpoolDirectory):
         """Delete a finished message and its state (the message first: an orphan state
         is harmless and swept at start, an orphan message would be delivered again)."""
         async with self._locks.hold(qid):
-            await asyncio.to_thread(self._remove, qid)
+            await self._writers.run(self._remove, qid)
 
     def _remove(self, qid: QueueId) -> None:
         _check_qid(qid)
@@ -483,30 +483,6 @@ def _records(directory: Path, *, any_name: bool = False) -> list[tuple[str, int]
                 if entry.is_file(follow_symlinks=False):
                     out.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
     return out
-
-
-def _report(
-    loop: asyncio.AbstractEventLoop,
-    job: Future[None],
-    done: asyncio.Future[None],
-    qid: QueueId,
-    stored: Callable[[QueueId], None] | None,
-) -> None:
-    """From the writer thread: hand the job's outcome to the loop (``SpoolStore.put``)."""
-
-    def on_loop() -> None:
-        error = job.exception()
-        if error is None and stored is not None:
-            stored(qid)
-        if done.cancelled():
-            return
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-        loop.call_soon_threadsafe(on_loop)
 
 
 def _header_of(path: Path) -> RecordHeader | None:
