@@ -139,7 +139,8 @@ def taken_over(smtp: aiosmtplib.SMTP) -> Iterator[Channel]:
 
     aiosmtplib's own reply buffer must be empty when this starts (``session`` checks);
     a timeout or a lost connection closes the client, as aiosmtplib does itself, since
-    a reply given up on could be taken as the next command's.
+    a reply given up on could be taken as the next command's. Cancelled, it drops the
+    connection and whatever waits unsent on it.
     """
     protocol = smtp.protocol
     transport = protocol.transport if protocol is not None else None
@@ -152,6 +153,9 @@ def taken_over(smtp: aiosmtplib.SMTP) -> Iterator[Channel]:
         yield channel
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()
+        raise
+    except asyncio.CancelledError:  # mid-transaction: the connection is of no more use
+        channel.transport.abort()  # a closing transport would wait on a stalled peer
         raise
     finally:
         if not channel.closed:

@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, TypeAlias, TypeVar
+from typing import Final, Literal, TypeAlias, TypeVar, cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -357,7 +357,7 @@ class _Session:
         self.verified: VerifyResult | None = None
         self.reusable = True
         self.uses = 0
-        self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
+        self.raw: asyncio.Transport | None = None  # the TCP transport under any TLS
         self.local_address = ""  # our IP on this connection, once connected
         self.where = f"{target.mx}[{target.address}]:{target.port}"
         self.smtp = _Client(
@@ -465,8 +465,12 @@ class _Session:
                 await self.smtp.quit(timeout=self.settings.connect_timeout)
         self.smtp.close()
         # Closing a TLS transport waits for the peer's close_notify (up to 30 s);
-        # after QUIT there is nothing left to protect, so let the socket go now.
-        if self.raw is not None and not self.raw.is_closing():
+        # after QUIT there is nothing left to protect, so let the socket go now. After
+        # a failure, drop what is still unsent: a peer that stopped reading would keep
+        # a closing transport (and its buffer) alive for as long as it likes.
+        if self.raw is not None and not self.reusable:
+            self.raw.abort()
+        elif self.raw is not None and not self.raw.is_closing():
             self.raw.close()
 
     async def _connect(self) -> HostFailed | None:
@@ -479,7 +483,7 @@ class _Session:
         except (aiosmtplib.SMTPConnectError, OSError) as err:
             cause = err.__cause__ if err.__cause__ is not None else err
             return self.failed(451, "4.4.1", f"connect to {self.where}: {_oneline(cause)}")
-        self.raw = self.smtp.transport
+        self.raw = cast(asyncio.Transport | None, self.smtp.transport)  # uvloop: no subclass
         self.local_address = _local_address(self.raw)
         return None
 
