@@ -40,7 +40,15 @@ envelope is not trusted either: an address with a control character (CR, LF, NUL
 is refused before anything of it is written (``553 5.1.7`` sender, ``553 5.1.3``
 recipient). A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): that recipient is
 deferred. The DATA payload (dot-stuffed, CRLF line endings) is made by
-``wire.data_payload_parts``.
+``wire.data_payload_parts``, and written only as fast as the peer takes it
+(``channel.Channel.write_paced``).
+
+PIPELINING (RFC 2920), when the peer offers it: MAIL, every RCPT and DATA go in one
+write and their replies are read in order (``channel``: aiosmtplib reads one reply per
+command). The outcome is the same as one command per round trip: ``_decide`` reads
+the same replies either way. What differs is only a DATA that a server answers ``354``
+though no RCPT (or MAIL) was accepted: a lone dot ends the empty data, and no message
+is sent. A transaction without an accepted recipient leaves the connection uncached.
 """
 
 from __future__ import annotations
@@ -202,6 +210,15 @@ def _expect_no_surplus(smtp: aiosmtplib.SMTP) -> None:
     protocol = smtp.protocol
     if protocol is not None and protocol._buffer:  # private: see the docstring
         raise SurplusReply("a reply arrived when none was due")
+
+
+async def _last_reply(channel: Channel) -> aiosmtplib.SMTPResponse:
+    """The next reply, which must be the last one due: anything after it is a surplus
+    (after a ``354``, it would be taken for the reply to the end of the payload)."""
+    reply = await channel.read_reply()
+    if channel.buffer:
+        raise SurplusReply("a reply arrived when none was due")
+    return reply
 
 
 class _Client(aiosmtplib.SMTP):
@@ -761,9 +778,7 @@ class _Session:
             for _ in rcpts:
                 replies.rcpts.append(await channel.read_reply())
             self.stage = "DATA"
-            replies.data = await channel.read_reply()
-            if channel.buffer:  # before any payload: else it would be taken for the end
-                raise SurplusReply("a reply arrived when none was due")
+            replies.data = await _last_reply(channel)  # so far: none may follow the 354
             if replies.data.code != 354:
                 return replies
             if replies.mail.code == 250 and any(_accepted(r) for r in replies.rcpts):
@@ -771,9 +786,7 @@ class _Session:
                 replies.payload = True
             else:
                 channel.write(b".\r\n")
-                await channel.read_reply()  # for nothing: no recipient waits on it
-                if channel.buffer:
-                    raise SurplusReply("a reply arrived when none was due")
+                await _last_reply(channel)  # for nothing: no recipient waits on it
         return replies
 
     async def _payload(self, channel: Channel, content: bytes) -> aiosmtplib.SMTPResponse:
@@ -782,10 +795,7 @@ class _Session:
         body, end = data_payload_parts(content)
         await channel.write_paced(body, WRITE_CHUNK)
         channel.write(end)
-        reply = await channel.read_reply()
-        if channel.buffer:  # which of the replies was the one to the dot?
-            raise SurplusReply("a reply arrived when none was due")
-        return reply
+        return await _last_reply(channel)
 
     def _requiretls_refusal(self) -> HostFailed | None:
         """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host that proved its

@@ -8,6 +8,7 @@
   §3.1). Either way the connection is not reused.
 - MAIL refused: 5xx bounces every recipient, 4xx defers them; nothing is sent even when
   the peer answers the rest of the group with 250 and 354.
+- A cached connection found dead by the group is replaced, as without pipelining.
 - A peer that does not offer PIPELINING gets one command per round trip, as before.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 import pytest
 
@@ -31,9 +33,11 @@ __all__ = ["mx_tls"]  # the fixture, shared
 BOB, CAROL, DAVE = "bob@dest.test", "carol@dest.test", "dave@dest.test"
 
 
-def deliver(port: int, *batches: tuple[str, ...]) -> list[DeliveryResult]:
+def deliver(
+    port: int, *batches: tuple[str, ...], between: Callable[[], None] | None = None
+) -> list[DeliveryResult]:
     """One delivery per batch of recipients, one after the other, with one agent (so a
-    clean connection is reused)."""
+    clean connection is reused); ``between`` runs (in a thread) after the first."""
 
     async def run() -> list[DeliveryResult]:
         cfg = config(port)
@@ -41,6 +45,8 @@ def deliver(port: int, *batches: tuple[str, ...]) -> list[DeliveryResult]:
         try:
             results = []
             for n, rcpts in enumerate(batches):
+                if n == 1 and between is not None:
+                    await asyncio.to_thread(between)
                 envelope = Envelope(SENDER, rcpts, received_at=0.0)
                 id_ = QueueId(f"q{n}")
                 results.append(await agent.deliver(id_, envelope, "dest.test", rcpts, CONTENT))
@@ -131,6 +137,27 @@ def test_mail_refused_sends_nothing(
     assert {r.outcome for r in result.results} == {expected}
     assert CONTENT not in reads
     assert messages == [(True, b"")]
+
+
+def test_a_cached_connection_the_peer_closed_is_replaced(mx_tls: ssl.SSLContext) -> None:
+    # The pipelined group meets a dead connection: no reply to MAIL, so nothing was
+    # decided there, and the delivery goes over a new connection.
+    first = HostileServer(MX_IP, context=mx_tls, pipelining=True).start()
+    second = HostileServer(MX_IP, first.port, context=mx_tls, pipelining=True)
+
+    def restart() -> None:
+        first.stop()
+        second.start()
+
+    try:
+        results = deliver(first.port, (BOB,), (CAROL,), between=restart)
+        assert [outcomes(result) for result in results] == [
+            {BOB: (Outcome.SENT, 250)},
+            {CAROL: (Outcome.SENT, 250)},
+        ]
+        assert [len(first.messages), len(second.messages)] == [1, 1]
+    finally:
+        second.stop()
 
 
 def test_a_surplus_reply_is_caught_before_the_group(mx_tls: ssl.SSLContext) -> None:
