@@ -10,22 +10,30 @@
   the peer answers the rest of the group with 250 and 354.
 - A cached connection found dead by the group is replaced, as without pipelining.
 - A peer that does not offer PIPELINING gets one command per round trip, as before.
+- Postfix's ``smtp-sink`` (a real peer that offers PIPELINING, but no TLS: so at
+  ``may``, in plaintext) takes a pipelined delivery; its ``421`` to MAIL defers it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mta.app import build_destinations
 from mta.clock import SystemClock
+from mta.config import validate
 from mta.deliver.agent import DeliveryAgent
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId
 from tests.integration import outbound
 from tests.integration.hostile import HostileServer
+from tests.integration.relayproc import wait_until
 from tests.integration.test_reply_hygiene import CONTENT, MX_IP, SENDER, config, mx_tls
 
 __all__ = ["mx_tls"]  # the fixture, shared
@@ -169,6 +177,65 @@ def test_a_surplus_reply_is_caught_before_the_group(mx_tls: ssl.SSLContext) -> N
         (Outcome.DEFERRED, 451, "4.5.0")
     }
     assert after_tls == [b"EHLO"]
+
+
+SINK_IP = "127.0.0.174"
+
+
+@pytest.fixture
+def sink_options() -> tuple[str, ...]:
+    return ()
+
+
+@pytest.fixture
+def sink(tmp_path: Path, sink_options: tuple[str, ...]) -> Iterator[tuple[int, Path]]:
+    """``smtp-sink`` on a free port of ``SINK_IP``, dumping each message under a
+    directory: (port, directory)."""
+    with socket.socket() as probe:
+        probe.bind((SINK_IP, 0))
+        port = probe.getsockname()[1]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    argv = ["/usr/sbin/smtp-sink", "-u", "root", "-d", f"{dump}/%M.", *sink_options]
+    process = subprocess.Popen([*argv, f"{SINK_IP}:{port}", "10"])
+    try:
+        wait_until(lambda: _listening(port), 10, "smtp-sink")
+        yield port, dump
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as conn:
+        return conn.connect_ex((SINK_IP, port)) == 0
+
+
+def sink_deliver(port: int, rcpts: tuple[str, ...]) -> DeliveryResult:
+    raw: dict[str, Any] = {
+        "hostname": "relay.test",
+        "outbound": {"port": port, "default_level": "may", "command_timeout": "5s"},
+        "route": [{"domain": "dest.test", "nexthop": f"[{SINK_IP}]:{port}"}],
+    }
+    cfg = validate(raw, "test.toml", Path("/nonexistent"))
+    return outbound.deliver(cfg, "dest.test", rcpts, CONTENT)
+
+
+def test_smtp_sink_takes_a_pipelined_delivery(sink: tuple[int, Path]) -> None:
+    port, dump = sink
+    result = sink_deliver(port, (BOB, CAROL))
+    assert outcomes(result) == {BOB: (Outcome.SENT, 250), CAROL: (Outcome.SENT, 250)}
+    (message,) = [path.read_bytes() for path in dump.iterdir()]
+    assert b"X-Rcpt-Args: <bob@dest.test>\nX-Rcpt-Args: <carol@dest.test>\n" in message
+    assert message.replace(b"\n", b"\r\n").endswith(CONTENT + b"\r\n")  # then the dump's blank line
+
+
+@pytest.mark.parametrize("sink_options", [("-Q", "MAIL")])
+def test_smtp_sink_421_to_mail_defers(sink: tuple[int, Path]) -> None:
+    port, dump = sink
+    result = sink_deliver(port, (BOB, CAROL))
+    assert {(r.outcome, r.reply.code) for r in result.results} == {(Outcome.DEFERRED, 421)}
+    assert list(dump.iterdir()) == []
 
 
 def test_without_pipelining_one_command_per_round_trip(mx_tls: ssl.SSLContext) -> None:
