@@ -27,6 +27,7 @@ import aiosmtplib
 import aiosmtplib.protocol
 
 MAX_REPLY: Final = 32 * 1024  # a reply longer than this (a peer streaming junk) is an error
+MAX_UNREAD: Final = 1024 * 1024  # replies not yet read, at most: a flood drops the connection
 _CODE: Final = re.compile(rb"\d{3}(?:[ -]|\r?\n)")
 
 
@@ -53,6 +54,8 @@ class Channel(asyncio.Protocol):
     # asyncio.Protocol
     def data_received(self, data: bytes) -> None:
         self.buffer.extend(data)
+        if len(self.buffer) > MAX_UNREAD:  # say, while we write a payload: nobody reads it
+            self.transport.abort()
         self._arrived.set()
 
     def eof_received(self) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiosmtplib
 import pytest
 
-from mta.deliver.channel import MAX_REPLY, split_reply
+from mta.deliver.channel import MAX_REPLY, MAX_UNREAD, Channel, split_reply
 
 
 def test_replies_in_one_read_come_out_one_at_a_time() -> None:
@@ -43,3 +43,21 @@ def test_a_line_without_a_code_is_an_error(junk: bytes) -> None:
 def test_an_endless_reply_is_an_error() -> None:
     with pytest.raises(aiosmtplib.SMTPResponseException):
         split_reply(bytearray(b"250-" + b"x" * MAX_REPLY))
+
+
+class _Transport:
+    """Just enough of a transport to see whether the channel dropped it."""
+
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_flood_of_unread_bytes_drops_the_connection() -> None:
+    transport = _Transport()
+    channel = Channel(transport, None, 1.0)  # type: ignore[arg-type]
+    channel.data_received(b"250 ok\r\n" * (MAX_UNREAD // 8))
+    assert not transport.aborted
+    channel.data_received(b"250 ok\r\n")
+    assert transport.aborted
