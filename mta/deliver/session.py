@@ -86,7 +86,7 @@ _T = TypeVar("_T")
 
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
-WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see _write_payload)
+WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see Channel.write_paced)
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
