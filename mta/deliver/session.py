@@ -40,7 +40,15 @@ envelope is not trusted either: an address with a control character (CR, LF, NUL
 is refused before anything of it is written (``553 5.1.7`` sender, ``553 5.1.3``
 recipient). A ``552`` to RCPT is temporary (RFC 5321 §4.5.3.1.10): that recipient is
 deferred. The DATA payload (dot-stuffed, CRLF line endings) is made by
-``wire.data_payload_parts``.
+``wire.data_payload_parts``, and written only as fast as the peer takes it
+(``channel.Channel.write_paced``).
+
+PIPELINING (RFC 2920), when the peer offers it: MAIL, every RCPT and DATA go in one
+write and their replies are read in order (``channel``: aiosmtplib reads one reply per
+command). The outcome is the same as one command per round trip: ``_decide`` reads
+the same replies either way. What differs is only a DATA that a server answers ``354``
+though no RCPT (or MAIL) was accepted: a lone dot ends the empty data, and no message
+is sent. A transaction without an accepted recipient leaves the connection uncached.
 """
 
 from __future__ import annotations
@@ -51,16 +59,17 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, TypeAlias, TypeVar
+from typing import Final, Literal, TypeAlias, TypeVar, cast
 
 import aiosmtplib
-import aiosmtplib.protocol
+from aiosmtplib.email import quote_address
 from aiosmtplib.typing import Default
 
 from mta.deliver import requiretls
+from mta.deliver.channel import Channel, taken_over
 from mta.deliver.pool import ConnectionCache
 from mta.deliver.requiretls import RELAXABLE
 from mta.deliver.tlschain import peer_chain
@@ -77,9 +86,10 @@ _T = TypeVar("_T")
 
 
 MAX_REPLY_TEXT: Final = 400  # remote reply text kept for the DSN and the queue listing
-WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see _write_payload)
+WRITE_CHUNK: Final = 64 * 1024  # DATA payload slice written at a time (see Channel.write_paced)
 _ENHANCED: Final = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +210,15 @@ def _expect_no_surplus(smtp: aiosmtplib.SMTP) -> None:
     protocol = smtp.protocol
     if protocol is not None and protocol._buffer:  # private: see the docstring
         raise SurplusReply("a reply arrived when none was due")
+
+
+async def _last_reply(channel: Channel) -> aiosmtplib.SMTPResponse:
+    """The next reply, which must be the last one due: anything after it is a surplus
+    (after a ``354``, it would be taken for the reply to the end of the payload)."""
+    reply = await channel.read_reply()
+    if channel.buffer:
+        raise SurplusReply("a reply arrived when none was due")
+    return reply
 
 
 class _Client(aiosmtplib.SMTP):
@@ -355,7 +374,7 @@ class _Session:
         self.verified: VerifyResult | None = None
         self.reusable = True
         self.uses = 0
-        self.raw: asyncio.BaseTransport | None = None  # the TCP transport under any TLS
+        self.raw: asyncio.Transport | None = None  # the TCP transport under any TLS
         self.local_address = ""  # our IP on this connection, once connected
         self.where = f"{target.mx}[{target.address}]:{target.port}"
         self.smtp = _Client(
@@ -463,8 +482,12 @@ class _Session:
                 await self.smtp.quit(timeout=self.settings.connect_timeout)
         self.smtp.close()
         # Closing a TLS transport waits for the peer's close_notify (up to 30 s);
-        # after QUIT there is nothing left to protect, so let the socket go now.
-        if self.raw is not None and not self.raw.is_closing():
+        # after QUIT there is nothing left to protect, so let the socket go now. After
+        # a failure, drop what is still unsent: a peer that stopped reading would keep
+        # a closing transport (and its buffer) alive for as long as it likes.
+        if self.raw is not None and not self.reusable:
+            self.raw.abort()
+        elif self.raw is not None and not self.raw.is_closing():
             self.raw.close()
 
     async def _connect(self) -> HostFailed | None:
@@ -477,7 +500,7 @@ class _Session:
         except (aiosmtplib.SMTPConnectError, OSError) as err:
             cause = err.__cause__ if err.__cause__ is not None else err
             return self.failed(451, "4.4.1", f"connect to {self.where}: {_oneline(cause)}")
-        self.raw = self.smtp.transport
+        self.raw = cast(asyncio.Transport | None, self.smtp.transport)  # uvloop: no subclass
         self.local_address = _local_address(self.raw)
         return None
 
@@ -682,56 +705,97 @@ class _Session:
             )
             return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
 
-        self.stage = "MAIL FROM"
         try:
-            await smtp.mail(txn.mail_from, options=options, encoding=encoding)
-        except aiosmtplib.SMTPSenderRefused as err:
-            reply = reply_from(err.code, err.message)
-            if err.code >= 500:
-                return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
-            return self.remote_failure(reply, "MAIL FROM")
-        except ValueError:  # aiosmtplib refuses addresses unsafe on a command line
+            mail = _command(b"MAIL FROM:", txn.mail_from, options, encoding)
+        except ValueError:  # an address unsafe on a command line (or not in ``encoding``)
             reply = SmtpReply(553, "5.1.7", "Bad sender address syntax")
             return Transacted(_all(txn.rcpts, Outcome.BOUNCED, reply), self.tls, self.policy())
-
-        self.stage = "RCPT TO"
-        accepted: list[str] = []
+        lines: dict[str, bytes] = {}
         for rcpt in txn.rcpts:
             if rcpt in decided:
                 continue
             try:
-                await smtp.rcpt(rcpt, encoding=encoding)
-            except aiosmtplib.SMTPRecipientRefused as err:
-                reply = reply_from(err.code, err.message)
-                # Servers used 552 for "too many recipients"; RFC 5321 §4.5.3.1.10 asks
-                # clients to take a 552 to RCPT as temporary.
-                permanent = err.code >= 500 and err.code != 552
-                outcome = Outcome.BOUNCED if permanent else Outcome.DEFERRED
-                decided[rcpt] = RecipientResult(rcpt, outcome, reply)
+                lines[rcpt] = _command(b"RCPT TO:", rcpt, (), encoding)
             except ValueError:
                 reply = SmtpReply(553, "5.1.3", "Bad recipient address syntax")
                 decided[rcpt] = RecipientResult(rcpt, Outcome.BOUNCED, reply)
-            else:
-                accepted.append(rcpt)
+        if not lines:
+            return Transacted(tuple(decided[r] for r in txn.rcpts), self.tls, self.policy())
 
-        if not accepted:
-            # No DATA: the server's transaction stays open, and MAIL on this connection
-            # would be a nested MAIL (503). QUIT it instead of caching it.
-            self.reusable = False
+        if smtp.supports_extension("pipelining"):
+            replies = await self._pipelined(mail, tuple(lines.values()), txn.content)
         else:
+            replies = await self._one_by_one(mail, tuple(lines.values()), txn.content)
+        if replies.mail.code != 250:
+            said = reply_from(*replies.mail)
+            if said.code < 500:
+                return self.remote_failure(said, "MAIL FROM")
+            return Transacted(_all(txn.rcpts, Outcome.BOUNCED, said), self.tls, self.policy())
+        decided.update(_decide(tuple(lines), replies))
+        if not any(_accepted(reply) for reply in replies.rcpts):
+            # No DATA, or DATA ended on a bare dot: the server's transaction may stay
+            # open, and MAIL on this connection would be a nested MAIL (503). QUIT it.
+            self.reusable = False
+        return Transacted(tuple(decided[r] for r in txn.rcpts), self.tls, self.policy())
+
+    async def _one_by_one(self, mail: bytes, rcpts: tuple[bytes, ...], content: bytes) -> _Replies:
+        """MAIL, each RCPT, DATA and the payload, each after the reply to the one before."""
+        smtp = self.smtp
+        self.stage = "MAIL FROM"
+        replies = _Replies(await smtp.execute_command(mail))
+        if replies.mail.code != 250:
+            return replies
+        self.stage = "RCPT TO"
+        for rcpt in rcpts:
+            replies.rcpts.append(await smtp.execute_command(rcpt))
+        if not any(_accepted(reply) for reply in replies.rcpts):
+            return replies
+        self.stage = "DATA"
+        replies.data = await smtp.execute_command(b"DATA")
+        if replies.data.code == 354:
+            _expect_no_surplus(smtp)
+            with taken_over(smtp) as channel:
+                replies.end = await self._payload(channel, content)
+                replies.payload = True
+        return replies
+
+    async def _pipelined(self, mail: bytes, rcpts: tuple[bytes, ...], content: bytes) -> _Replies:
+        """RFC 2920: MAIL, every RCPT and DATA (last: it changes the state) in one write,
+        then their replies in order. The payload goes only after ``354``, and only when
+        MAIL and a RCPT were accepted; after a ``354`` that must send nothing (every RCPT
+        refused: a server need not refuse DATA then), a lone dot ends the empty data, as
+        RFC 2920 §3.1 says."""
+        smtp = self.smtp
+        self.stage = "MAIL FROM"
+        _expect_no_surplus(smtp)
+        with taken_over(smtp) as channel:
+            channel.write(b"".join(line + b"\r\n" for line in (mail, *rcpts, b"DATA")))
+            replies = _Replies(await channel.read_reply())
+            if replies.mail.code == 421:  # the server closes: no more replies come
+                self.reusable = False
+                return replies
+            self.stage = "RCPT TO"
+            for _ in rcpts:
+                replies.rcpts.append(await channel.read_reply())
             self.stage = "DATA"
-            try:
-                response = await _data(smtp, txn.content)
-            except aiosmtplib.SMTPDataError as err:
-                reply = reply_from(err.code, err.message)
-                outcome = Outcome.BOUNCED if err.code >= 500 else Outcome.DEFERRED
+            replies.data = await _last_reply(channel)  # so far: none may follow the 354
+            if replies.data.code != 354:
+                return replies
+            if replies.mail.code == 250 and any(_accepted(r) for r in replies.rcpts):
+                replies.end = await self._payload(channel, content)
+                replies.payload = True
             else:
-                reply = reply_from(response.code, response.message)
-                outcome = Outcome.SENT
-            for rcpt in accepted:
-                decided[rcpt] = RecipientResult(rcpt, outcome, reply)
-        results = tuple(decided[rcpt] for rcpt in txn.rcpts)
-        return Transacted(results, self.tls, self.policy())
+                channel.write(b".\r\n")
+                await _last_reply(channel)  # for nothing: no recipient waits on it
+        return replies
+
+    async def _payload(self, channel: Channel, content: bytes) -> aiosmtplib.SMTPResponse:
+        """The DATA payload (``wire.data_payload_parts``) in ``WRITE_CHUNK`` slices as
+        the connection takes them (``Channel.write_paced``), then the reply to it."""
+        body, end = data_payload_parts(content)
+        await channel.write_paced(body, WRITE_CHUNK)
+        channel.write(end)
+        return await _last_reply(channel)
 
     def _requiretls_refusal(self) -> HostFailed | None:
         """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a host that proved its
@@ -762,54 +826,58 @@ def _local_address(transport: asyncio.BaseTransport | None) -> str:
     return ""
 
 
-async def _data(smtp: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
-    """``smtp.data(content)``, but with the payload made by ``wire.data_payload_parts``.
+@dataclass(slots=True)
+class _Replies:
+    """The server's replies in one transaction, as far as it went: ``data`` is None when
+    DATA was not sent, ``end`` the reply to the end of the payload (``payload``: sent)."""
 
-    ``DATA`` goes through aiosmtplib's own command path; the payload is written and its
-    reply read back to back (nothing runs in between: no reply can go astray), then
-    the same errors are raised, and the connection closed on the same failures, as
-    ``SMTP.data`` does.
-    """
-    start = await smtp.execute_command(b"DATA")
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    try:
-        await _write_payload(protocol, content, smtp.timeout)
-        response = await protocol.read_response(timeout=smtp.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        smtp.close()
-        raise
-    _expect_no_surplus(smtp)  # which of the replies was the one to the dot?
-    if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
-    return response
+    mail: aiosmtplib.SMTPResponse
+    rcpts: list[aiosmtplib.SMTPResponse] = field(default_factory=list)
+    data: aiosmtplib.SMTPResponse | None = None
+    end: aiosmtplib.SMTPResponse | None = None
+    payload: bool = False
 
 
-async def _write_payload(
-    protocol: aiosmtplib.protocol.SMTPProtocol, content: bytes, stall: float | None
-) -> None:
-    """The DATA payload in ``WRITE_CHUNK`` slices, each written once the transport has
-    room (flow control: aiosmtplib's ``_drain_helper``, as ``StreamWriter.drain``).
+def _accepted(reply: aiosmtplib.SMTPResponse) -> bool:
+    return reply.code in (250, 251)
 
-    Why: TLS encrypts what is written at once; a 1 MiB message written whole became
-    1 MiB of ciphertext buffered next to the plaintext for each of 20 deliveries in
-    flight. The slices are views: nothing is copied. A peer that stops reading for
-    ``stall`` seconds (the session's timeout) is a timeout, as a missing reply is.
-    """
-    body, end = data_payload_parts(content)
-    view = memoryview(body)
-    for start in range(0, len(view), WRITE_CHUNK):
-        protocol.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
-        try:
-            await asyncio.wait_for(protocol._drain_helper(), stall)  # private: see above
-        except TimeoutError:
-            raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
-        except ConnectionError as err:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost") from err
-    protocol.write(end)
+
+def _decide(rcpts: tuple[str, ...], replies: _Replies) -> dict[str, RecipientResult]:
+    """Each recipient's result, from the replies to its RCPT and to DATA and the payload
+    (MAIL was accepted). Pure: the same for pipelined and one-by-one sessions."""
+    decided: dict[str, RecipientResult] = {}
+    accepted: list[str] = []
+    for rcpt, response in zip(rcpts, replies.rcpts, strict=True):
+        if _accepted(response):
+            accepted.append(rcpt)
+            continue
+        reply = reply_from(*response)
+        # Servers used 552 for "too many recipients"; RFC 5321 §4.5.3.1.10 asks clients
+        # to take a 552 to RCPT as temporary.
+        permanent = reply.code >= 500 and reply.code != 552
+        outcome = Outcome.BOUNCED if permanent else Outcome.DEFERRED
+        decided[rcpt] = RecipientResult(rcpt, outcome, reply)
+    if accepted:
+        final = replies.end if replies.payload else replies.data
+        assert final is not None  # DATA is sent whenever a RCPT was accepted
+        reply = reply_from(*final)
+        if replies.payload and final.code == 250:
+            outcome = Outcome.SENT
+        else:
+            outcome = Outcome.BOUNCED if final.code >= 500 else Outcome.DEFERRED
+        decided.update((rcpt, RecipientResult(rcpt, outcome, reply)) for rcpt in accepted)
+    return decided
+
+
+def _command(verb: bytes, address: str, options: Iterable[str], encoding: str) -> bytes:
+    """``MAIL FROM:<address> options`` or ``RCPT TO:<address>``, as aiosmtplib makes it;
+    ``ValueError`` for an address with a control character or not in ``encoding``."""
+    words = [verb + quote_address(address).encode(encoding)]
+    words.extend(option.encode("ascii") for option in options)
+    line = b" ".join(words)
+    if _CONTROL.search(line):
+        raise ValueError("control character in a command line")
+    return line
 
 
 def _oneline(value: object) -> str:

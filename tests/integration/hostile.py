@@ -10,6 +10,10 @@ with whether it came over TLS; every message with the exact bytes of its DATA se
 Its own replies after TLS say ``real``, so a client that took an injected line for a
 reply is caught by the text. ``surplus`` is sent in the same write as its EHLO reply
 over TLS: a reply nobody asked for, which a client must not pair with its next command.
+With ``pipelining`` it offers PIPELINING (RFC 2920), answers the commands in ``replies``
+(a command line's start, say ``b"RCPT TO:<carol@"``, to its reply line; ``DATA`` too)
+and keeps every read as it came (``reads``), so a test sees what arrived in one write.
+``stall``: after ``354`` it reads nothing more.
 
 ``StrippingProxy`` sits between a client and an SMTP server: in ``"pass"`` mode it only
 forwards (raw bytes once STARTTLS has gone through), in ``"hide"`` mode it removes
@@ -109,6 +113,8 @@ class HostileServer(_LoopThread):
         separate: send them in a write of their own (else the same write as the 220).
         surplus: bytes sent right after the EHLO reply over TLS, in the same write.
         stall: after ``354`` to DATA, read nothing more (a peer that stopped reading).
+        pipelining: offer PIPELINING.
+        replies: a command line's start -> the reply line to give it instead of ``250``.
     """
 
     def __init__(
@@ -121,25 +127,38 @@ class HostileServer(_LoopThread):
         separate: bool = False,
         surplus: bytes = b"",
         stall: bool = False,
+        pipelining: bool = False,
+        replies: dict[bytes, bytes] | None = None,
     ) -> None:
         super().__init__(host, port, "hostile")
         self.context, self.inject, self.separate = context, inject, separate
         self.surplus, self.stall = surplus, stall
+        self.pipelining, self.replies = pipelining, dict(replies or {})
         self.commands: list[Seen] = []
         self.messages: list[tuple[bool, bytes]] = []  # (over TLS, DATA bytes up to the dot)
+        self.reads: list[Seen] = []  # each read of the connection as it came (one line or more)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = False
+        lines = _Lines(reader, lambda chunk: self.reads.append(Seen(tls, chunk)))
         writer.write(b"220 hostile.test ESMTP\r\n")
-        while line := await reader.readline():
+        while line := await lines.readline():
             self.commands.append(Seen(tls, line))
             verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+            refusal = next((r for start, r in self.replies.items() if line.startswith(start)), None)
+            if refusal is not None:
+                writer.write(refusal + b"\r\n")
+                if not (verb == b"DATA" and refusal.startswith(b"354")):
+                    await writer.drain()
+                    continue
             if verb in (b"EHLO", b"HELO"):
-                lines = [b"hostile.test", b"8BITMIME", b"SIZE 10485760"]
+                ehlo = [b"hostile.test", b"8BITMIME", b"SIZE 10485760"]
+                if self.pipelining:
+                    ehlo.append(b"PIPELINING")
                 if self.context is not None and not tls:
-                    lines.append(b"STARTTLS")
-                reply = b"".join(b"250-" + item + b"\r\n" for item in lines[:-1])
-                writer.write(reply + b"250 " + lines[-1] + b"\r\n" + (self.surplus if tls else b""))
+                    ehlo.append(b"STARTTLS")
+                reply = b"".join(b"250-" + item + b"\r\n" for item in ehlo[:-1])
+                writer.write(reply + b"250 " + ehlo[-1] + b"\r\n" + (self.surplus if tls else b""))
             elif verb == b"STARTTLS" and self.context is not None and not tls:
                 ready = b"220 2.0.0 Ready to start TLS\r\n"
                 if self.separate:
@@ -152,13 +171,13 @@ class HostileServer(_LoopThread):
                 await writer.start_tls(self.context)
                 tls = True
             elif verb == b"DATA":
-                writer.write(b"354 2.0.0 go ahead\r\n")
+                if refusal is None:
+                    writer.write(b"354 2.0.0 go ahead\r\n")
                 await writer.drain()
-                if self.stall:  # until the client gives up and closes
-                    await reader.read()
-                    break
+                if self.stall:  # until the client gives up (or the server stops)
+                    await asyncio.get_running_loop().create_future()
                 data = b""
-                while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                while (chunk := await lines.readline()) not in (b".\r\n", b""):
                     data += chunk
                 self.messages.append((tls, data))
                 writer.write(b"250 2.0.0 real: queued\r\n")
@@ -169,6 +188,26 @@ class HostileServer(_LoopThread):
             else:
                 writer.write(b"250 2.0.0 real: ok\r\n")
             await writer.drain()
+
+
+class _Lines:
+    """``readline`` over a stream, telling ``seen`` each read as it came off the
+    connection (one TLS record's worth, or one segment's)."""
+
+    def __init__(self, reader: asyncio.StreamReader, seen: Callable[[bytes], None]) -> None:
+        self.reader, self.seen = reader, seen
+        self.buffer = b""
+
+    async def readline(self) -> bytes:
+        while (end := self.buffer.find(b"\n")) == -1:
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.seen(chunk)
+            self.buffer += chunk
+        line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+        return line
 
 
 class StrippingProxy(_LoopThread):

@@ -121,19 +121,36 @@ def test_552_to_rcpt_defers(tls_ca: trustme.CA) -> None:
 def test_a_peer_that_stops_reading_mid_data_defers_at_the_timeout(
     mx_tls: ssl.SSLContext,
 ) -> None:
-    # On uvloop, as ``mta run``: its TLS transport tells the client when to stop
-    # writing (after about 9 MB on loopback here), and the wait for room is bounded by
-    # the command timeout. 20 s: a wait without a bound fails the test, not hangs it.
+    # On uvloop, as ``mta run``. The peer reads nothing after its 354: the kernel's
+    # buffers fill, then the TLS transport's, then the client must wait for room, for
+    # the command timeout at most (a wait without a bound hangs until the test's 20 s
+    # run out: a failure). And it must not take the rest of the message into its own
+    # buffers meanwhile: written whole, 32 MB of ciphertext would wait in this process.
     big = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 400_000  # 32 MB
     with HostileServer(MX_IP, context=mx_tls, stall=True) as mx:
         cfg = config(mx.port, command_timeout="1s")
         attempt = outbound.attempt(cfg, "dest.test", ("bob@dest.test",), big)
+        before = _peak_rss_reset()
         started = time.monotonic()
         result = uvloop.run(asyncio.wait_for(attempt, 20))
         took = time.monotonic() - started
+        grew = _peak_rss() - before
     (only,) = result.results
     assert only.outcome is Outcome.DEFERRED
     assert (only.reply.code, only.reply.enhanced) == (451, "4.4.2")
     assert only.reply.text.startswith("timeout with ")
     assert only.reply.text.endswith(" during DATA")
     assert took < 10
+    assert grew < len(big) // 4, f"peak RSS grew {grew >> 20} MiB while the peer read nothing"
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (VmHWM), in bytes."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) << 10
+
+
+def _peak_rss_reset() -> int:
+    """Reset the peak resident set to the current one (clear_refs "5"), and return it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _peak_rss()
