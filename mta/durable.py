@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -28,12 +29,19 @@ def create_written(path: Path, data: bytes) -> int:
     Nothing waits for the disk here (the data is in the page cache): ``settle`` does
     that. On failure the descriptor is closed and ``path`` removed.
     """
+    return create_written_pieces(path, (data,))
+
+
+def create_written_pieces(path: Path, pieces: Iterable[bytes]) -> int:
+    """``create_written`` for data made piece by piece as it is written (a sealed spool
+    record, chunk by chunk), so that it is never whole in memory."""
     fd = os.open(path, _CREATE, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
         unlink_quietly(path)
@@ -144,6 +152,15 @@ def read_private(path: Path, limit: int, *, group_read: bool = False) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def read_pieces(path: Path, size: int) -> Generator[bytes, None, None]:
+    """The bytes of a regular file (without following a final link), ``size`` at a time:
+    a large file is never whole in memory."""
+    fd = os.open(path, _READ)
+    with open(fd, "rb", buffering=0, closefd=True) as file:
+        while piece := file.read(size):
+            yield piece
 
 
 def read_file(path: Path, limit: int = -1) -> bytes:
