@@ -424,7 +424,8 @@ class Opener:
                 raise RecordError("truncated record header")
             if len(self._buffer) < TAG_SIZE:
                 raise RecordError("truncated record: no final chunk")
-            return cipher.open(self._index, bytes(self._buffer), last=True)
+            with memoryview(self._buffer) as view:
+                return cipher.open(self._index, view, last=True)
 
     def whole(self, data: bytes) -> bytes:
         """The plaintext of the whole record ``data``, instead of ``feed`` and ``close``:
@@ -487,12 +488,15 @@ class Opener:
     def _open_full_chunks(self, cipher: _ChunkCipher) -> list[bytes]:
         out = []
         start = 0
-        # A full chunk with nothing after it yet may be the final one: keep it back.
-        while len(self._buffer) - start > self._sealed_size:
-            end = start + self._sealed_size
-            out.append(cipher.open(self._index, bytes(self._buffer[start:end]), last=False))
-            self._index += 1
-            start = end
+        # Each chunk is opened from a view of the buffer, not a copy (the view is let go
+        # before the buffer is cut). A full chunk with nothing after it yet may be the
+        # final one: keep it back.
+        with memoryview(self._buffer) as view:
+            while len(view) - start > self._sealed_size:
+                end = start + self._sealed_size
+                out.append(cipher.open(self._index, view[start:end], last=False))
+                self._index += 1
+                start = end
         del self._buffer[:start]
         return out
 
