@@ -1,19 +1,21 @@
-"""The C allocator's arenas: one for the whole process, where the C library is glibc.
+"""The C allocator's arenas: a few for the whole process, where the C library is glibc.
 
 glibc gives each thread that allocates its own malloc arena (up to eight per CPU), and
 an arena keeps the memory freed into it for reuse instead of returning it to the
 system. Our threads are few and brief (spool reads and writes, ``asyncio.to_thread``),
-but each one that reads a 1 MiB message back from the spool (file bytes, opened
-chunks, the joined content) leaves its arena holding several MiB: with 20 deliveries
-of 1 MiB messages in flight that was some 25 MB of resident memory per process that
-no object used (the benchmark's ``reused-1m`` peak RSS per process, 2026-12-04: 168 MB
-with the default arenas, 144 MB with ``MALLOC_ARENA_MAX=1``; CPU per message and
-msg/s unchanged, since the interpreter lock serialises the threads' allocations
-anyway). One arena lets memory freed by one thread serve the next allocation of any.
+but each one that reads a 1 MiB message back from the spool (opened chunks, the joined
+content) leaves its arena holding several MiB: with 20 deliveries of 1 MiB messages in
+flight that was some 25 MB of resident memory per process that no object used.
 
-Not setting ``M_MMAP_THRESHOLD`` too: a fixed threshold (each 1 MiB buffer its own
-``mmap``, returned on ``free``) cut the peak further but cost a third more CPU per
-message in page faults.
+``ARENAS`` (4), measured with the benchmark (2026-12-04, 2 CPUs, shared machine), peak
+RSS per process at one worker with 1 MiB messages and 4 KiB msg/s at two workers:
+default arenas 168 MB (before the spool's own copies were cut); one arena 144 MB, but
+4 KiB throughput fell from 490-540 to 350-460 msg/s (threads then wait for the one
+arena's lock); four arenas 136-139 MB (with the spool changes) at 530-565 msg/s.
+
+Not setting ``M_MMAP_THRESHOLD`` (each buffer over it its own ``mmap``, returned on
+``free``): at 1 MiB it cut the peak by as much again, but cost 10-30 % more CPU per
+1 MiB message in page faults.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Final
 log = logging.getLogger(__name__)
 
 M_ARENA_MAX: Final = -8  # glibc <malloc.h>
+ARENAS: Final = 4
 
 
-def limit_arenas(count: int = 1) -> bool:
+def limit_arenas(count: int = ARENAS) -> bool:
     """Let the C allocator use at most ``count`` arenas (glibc ``mallopt``); call it
     before threads start, since arenas already made stay. False where it cannot be set
     (another C library, or ``mallopt`` refused it): the process then runs as before."""
