@@ -21,6 +21,7 @@ FILE_MODE: Final = 0o600
 DIR_MODE: Final = 0o700
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITE_BATCH: Final = 256 * 1024  # octets of pieces gathered for one writev
 
 
 def create_written(path: Path, data: bytes) -> int:
@@ -34,19 +35,37 @@ def create_written(path: Path, data: bytes) -> int:
 
 def create_written_pieces(path: Path, pieces: Iterable[bytes]) -> int:
     """``create_written`` for data made piece by piece as it is written (a sealed spool
-    record, chunk by chunk), so that it is never whole in memory."""
+    record, chunk by chunk), so that it is never whole in memory. Pieces go out up to
+    ``WRITE_BATCH`` octets at a time in one ``writev``: a small record is one system
+    call, as it was when written whole."""
     fd = os.open(path, _CREATE, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # whatever the umask
+        batch: list[bytes] = []
+        size = 0
         for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(fd, view) :]
+            batch.append(piece)
+            size += len(piece)
+            if size >= WRITE_BATCH:
+                _write_all(fd, batch)
+                batch, size = [], 0
+        _write_all(fd, batch)
     except BaseException:
         os.close(fd)
         unlink_quietly(path)
         raise
     return fd
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    """Write every byte of ``pieces``, in order (``writev`` may write only some)."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
 
 
 def write_new(path: Path, data: bytes, *, mtime_ns: int | None = None) -> None:

@@ -83,3 +83,19 @@ def test_a_failed_piece_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sealing failed"):
         durable.create_written_pieces(path, failing())
     assert not path.exists()
+
+
+def test_pieces_are_written_whole_when_writev_writes_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writev`` may stop anywhere, even inside a piece: the rest still gets written."""
+    real = os.writev
+
+    def short(fd: int, buffers: list[memoryview]) -> int:
+        return real(fd, [buffers[0][:7]])
+
+    monkeypatch.setattr(os, "writev", short)
+    pieces = [b"head", os.urandom(300_000), b"", b"tail" * 10]
+    path = tmp_path / "record"
+    os.close(durable.create_written_pieces(path, pieces))
+    assert path.read_bytes() == b"".join(pieces)

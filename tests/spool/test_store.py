@@ -384,7 +384,7 @@ def failing_on_call(real: Callable[..., object], nth: int) -> Callable[..., obje
 
 @pytest.mark.parametrize(
     ("name", "nth"),
-    [("write", 1), ("fsync", 1), ("link", 1), ("fsync", 2)],
+    [("writev", 1), ("fsync", 1), ("link", 1), ("fsync", 2)],
     ids=["write", "fsync-file", "link", "fsync-dir"],
 )
 def test_failed_put_raises_and_leaves_no_file(
@@ -429,7 +429,7 @@ def test_failed_state_write_keeps_the_old_state(
 ) -> None:
     qid = put(store)
     asyncio.run(store.write_state(qid, b"old"))
-    monkeypatch.setattr(os, "write", failing_on_call(os.write, 1))
+    monkeypatch.setattr(os, "writev", failing_on_call(os.writev, 1))
     with pytest.raises(SpoolError, match="No space left on device"):
         asyncio.run(store.write_state(qid, b"new"))
     monkeypatch.undo()
