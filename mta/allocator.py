@@ -1,4 +1,4 @@
-"""The C allocator's arenas: a few for the whole process, where the C library is glibc.
+"""The C allocator's arenas: two for the whole process, where the C library is glibc.
 
 glibc gives each thread that allocates its own malloc arena (up to eight per CPU), and
 an arena keeps the memory freed into it for reuse instead of returning it to the
@@ -7,11 +7,12 @@ but each one that reads a 1 MiB message back from the spool (opened chunks, the 
 content) leaves its arena holding several MiB: with 20 deliveries of 1 MiB messages in
 flight that was some 25 MB of resident memory per process that no object used.
 
-``ARENAS`` (4), measured with the benchmark (2026-12-04, 2 CPUs, shared machine), peak
+``ARENAS`` (2), measured with the benchmark (2026-12-04, 2 CPUs, shared machine), peak
 RSS per process at one worker with 1 MiB messages and 4 KiB msg/s at two workers:
 default arenas 168 MB (before the spool's own copies were cut); one arena 144 MB, but
-4 KiB throughput fell from 490-540 to 350-460 msg/s (threads then wait for the one
-arena's lock); four arenas 136-139 MB (with the spool changes) at 530-565 msg/s.
+4 KiB throughput fell from 490-610 to 350-460 msg/s (threads then wait for the one
+arena's lock); with the spool's copies cut, two arenas 134-139 MB at 586-608 msg/s,
+four 136-144 MB at 515-570 msg/s.
 
 Not setting ``M_MMAP_THRESHOLD`` (each buffer over it its own ``mmap``, returned on
 ``free``): at 1 MiB it cut the peak by as much again, but cost 10-30 % more CPU per
@@ -27,7 +28,7 @@ from typing import Final
 log = logging.getLogger(__name__)
 
 M_ARENA_MAX: Final = -8  # glibc <malloc.h>
-ARENAS: Final = 4
+ARENAS: Final = 2
 
 
 def limit_arenas(count: int = ARENAS) -> bool:
