@@ -27,7 +27,7 @@ from typing import Final
 
 from prometheus_client import generate_latest
 
-from mta import fdbudget, privileges, shards
+from mta import allocator, fdbudget, privileges, shards
 from mta import reload as reloading
 from mta.clock import Clock, SystemClock
 from mta.config import DEFAULT_POLICY_NAME, Config, ListenerConfig, load, load_default
@@ -843,6 +843,7 @@ def run(config: Config, worker: Worker | None = None) -> None:
     refusal = privileges.root_refusal(config, os.geteuid())
     if refusal is not None:
         raise refusal
+    allocator.limit_arenas()  # before any thread starts: see ``mta.allocator``
     try:
         import uvloop
     except ImportError:

@@ -9,7 +9,7 @@ from typing import Final
 CRLF: Final = b"\r\n"
 
 
-def has_bare_line_ending(data: bytes) -> bool:
+def has_bare_line_ending(data: bytes | bytearray) -> bool:
     """Whether ``data`` holds a CR not followed by LF, or an LF not preceded by CR.
 
     Every CR and every LF belongs to a CRLF exactly when the three counts agree (bytes

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -20,6 +21,7 @@ FILE_MODE: Final = 0o600
 DIR_MODE: Final = 0o700
 _CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITE_BATCH: Final = 256 * 1024  # octets of pieces gathered for one writev
 
 
 def create_written(path: Path, data: bytes) -> int:
@@ -28,17 +30,42 @@ def create_written(path: Path, data: bytes) -> int:
     Nothing waits for the disk here (the data is in the page cache): ``settle`` does
     that. On failure the descriptor is closed and ``path`` removed.
     """
+    return create_written_pieces(path, (data,))
+
+
+def create_written_pieces(path: Path, pieces: Iterable[bytes]) -> int:
+    """``create_written`` for data made piece by piece as it is written (a sealed spool
+    record, chunk by chunk), so that it is never whole in memory. Pieces go out up to
+    ``WRITE_BATCH`` octets at a time in one ``writev``: a small record is one system
+    call, as it was when written whole."""
     fd = os.open(path, _CREATE, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        batch: list[bytes] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= WRITE_BATCH:
+                _write_all(fd, batch)
+                batch, size = [], 0
+        _write_all(fd, batch)
     except BaseException:
         os.close(fd)
         unlink_quietly(path)
         raise
     return fd
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    """Write every byte of ``pieces``, in order (``writev`` may write only some)."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
 
 
 def write_new(path: Path, data: bytes, *, mtime_ns: int | None = None) -> None:
@@ -144,6 +171,15 @@ def read_private(path: Path, limit: int, *, group_read: bool = False) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def read_pieces(path: Path, size: int) -> Generator[bytes, None, None]:
+    """The bytes of a regular file (without following a final link), ``size`` at a time:
+    a large file is never whole in memory."""
+    fd = os.open(path, _READ)
+    with open(fd, "rb", buffering=0, closefd=True) as file:
+        while piece := file.read(size):
+            yield piece
 
 
 def read_file(path: Path, limit: int = -1) -> bytes:

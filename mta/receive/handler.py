@@ -398,8 +398,8 @@ class RelayHandler:
         return str(S250_RCPT_OK)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        raw = envelope.original_content
-        if not isinstance(raw, bytes):
+        raw = envelope.original_content  # our DATA reader's buffer: see ``receive.data``
+        if not isinstance(raw, bytes | bytearray):
             raw = bytes(raw or b"")
         started = time.perf_counter()
         ip = client_ip(session)
@@ -428,7 +428,7 @@ class RelayHandler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             requiretls=REQUIRETLS in envelope.mail_options,
         )
-        content = header + raw
+        content = b"".join((header, raw))  # the one copy of the message made here
         # The body without our header is no longer needed: let it go before the fsync
         # wait instead of holding a second copy of every message in flight.
         envelope.content = envelope.original_content = None

@@ -600,7 +600,11 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(_REFUSED[refused]))
             return
-        self.envelope.content = self.envelope.original_content = stream.take()
+        # The reader's own buffer, not a ``bytes`` copy of it (aiosmtpd types these as
+        # bytes; our handler takes either): see ``receive.data``. Held by the envelope
+        # alone, which the handler clears once it has made the content it stores.
+        self.envelope.content = stream.take()  # type: ignore[assignment]
+        self.envelope.original_content = self.envelope.content  # type: ignore[assignment]
         self.storing = True
         try:
             status = await self._call_handler_hook("DATA")

@@ -7,9 +7,11 @@ reaches ``decode_message`` after it has been authenticated.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import struct
+from collections.abc import Iterable
 from typing import Any, Final, TypeVar
 
 from mta.model import Envelope
@@ -36,6 +38,12 @@ _OPTIONAL: Final = frozenset({"report", "requiretls"})  # written only when set:
 
 def encode_message(envelope: Envelope, content: bytes) -> bytes:
     """The record payload for a message: its envelope as JSON, then its content."""
+    return b"".join((encode_envelope(envelope), content))
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """The start of a message's record payload, before its content: the spool seals the
+    two as parts (``Sealer.stream``), never joined in memory."""
     doc = {
         "v": FORMAT,
         "mail_from": envelope.mail_from,
@@ -51,18 +59,38 @@ def encode_message(envelope: Envelope, content: bytes) -> bytes:
     if envelope.requiretls:
         doc["requiretls"] = True
     meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
-    return b"".join((_LENGTH.pack(len(meta)), meta, content))
+    return _LENGTH.pack(len(meta)) + meta
 
 
 def decode_message(payload: bytes) -> tuple[Envelope, bytes]:
     """Split a message payload into envelope and content; ``RecordError`` if malformed."""
-    if len(payload) < _LENGTH.size:
-        raise RecordError("message payload too short")
-    (size,) = _LENGTH.unpack_from(payload)
-    end = _LENGTH.size + size
-    if end > len(payload):
-        raise RecordError("message envelope length exceeds the payload")
-    return _envelope(_load(payload[_LENGTH.size : end])), payload[end:]
+    return decode_message_parts([payload])
+
+
+def decode_message_parts(parts: Iterable[bytes]) -> tuple[Envelope, bytes]:
+    """``decode_message(b"".join(parts))``, but the content is the one copy made: the
+    spool opens a record chunk by chunk, and joining the chunks first and then cutting
+    the content out of the whole would hold three copies of a large message at once."""
+    rest = collections.deque(parts)
+    (size,) = _LENGTH.unpack(_take(rest, _LENGTH.size, "message payload too short"))
+    meta = _take(rest, size, "message envelope length exceeds the payload")
+    return _envelope(_load(meta)), b"".join(rest)
+
+
+def _take(parts: collections.deque[bytes], size: int, short: str) -> bytes:
+    """The first ``size`` bytes of ``parts``, removed from it (``RecordError(short)`` if
+    there are fewer)."""
+    taken: list[bytes] = []
+    while size:
+        if not parts:
+            raise RecordError(short)
+        part = parts.popleft()
+        if len(part) > size:
+            parts.appendleft(part[size:])
+            part = part[:size]
+        taken.append(part)
+        size -= len(part)
+    return b"".join(taken)
 
 
 def _load(meta: bytes) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import contextlib
 import enum
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -295,19 +295,28 @@ class Sealer:
         """The whole record for ``payload``, instead of ``header``, ``update`` and
         ``finish``: the same bytes, with one copy of the payload instead of five (each
         chunk is sealed straight from a view of it)."""
+        return b"".join(self.stream((payload,)))
+
+    def stream(self, parts: Sequence[bytes]) -> Iterator[bytes]:
+        """The record for the payload ``b"".join(parts)``, as the header and then each
+        sealed chunk, made only as they are asked for: instead of ``header``,
+        ``update`` and ``finish`` (the same bytes). Nothing holds the payload joined or
+        the record whole: a chunk is sealed straight from a view of its part, and only
+        a chunk that spans two parts is copied (at most ``chunk_size`` bytes). The
+        spool writes a 1 MiB message this way, envelope and content as two parts."""
         self._check_open()
         if self._index or self._pending:
             raise ValueError("Sealer already in use")
         self._finished = True
-        view = memoryview(payload)
-        size = self._chunk_size
-        count = max(1, -(-len(view) // size))  # an empty payload is one empty last chunk
-        sealed = [self._header]
-        for index in range(count):
-            chunk = view[index * size : (index + 1) * size]
-            sealed.append(self._cipher.seal(index, chunk, index == count - 1))
-        self._index = count
-        return b"".join(sealed)
+        total = sum(len(part) for part in parts)
+        count = max(1, -(-total // self._chunk_size))  # an empty payload: one empty chunk
+        return self._stream(parts, total, count)
+
+    def _stream(self, parts: Sequence[bytes], total: int, count: int) -> Iterator[bytes]:
+        yield self._header
+        for index, piece in enumerate(contiguous_pieces(parts, self._chunk_size, total)):
+            yield self._cipher.seal(index, piece, index == count - 1)
+            self._index = index + 1
 
     def _seal(self, plaintext: bytes, *, last: bool) -> bytes:
         sealed = self._cipher.seal(self._index, plaintext, last)
@@ -317,6 +326,32 @@ class Sealer:
     def _check_open(self) -> None:
         if self._finished:
             raise ValueError("Sealer already finished")
+
+
+def contiguous_pieces(
+    parts: Iterable[bytes], size: int, total: int
+) -> Iterator[bytes | memoryview]:
+    """``b"".join(parts)`` (``total`` bytes) cut into pieces of ``size`` bytes, the last
+    one shorter (or empty, when ``total`` is 0): ``max(1, ceil(total / size))`` pieces.
+    Views of the parts where a piece lies within one part; a copy only of a piece that
+    spans parts."""
+    spanning = bytearray()
+    for part in parts:
+        view = memoryview(part)
+        if spanning:
+            take = size - len(spanning)
+            spanning += view[:take]
+            view = view[take:]
+            if len(spanning) < size:
+                continue
+            yield bytes(spanning)
+            spanning.clear()
+        whole = len(view) - len(view) % size
+        for start in range(0, whole, size):
+            yield view[start : start + size]
+        spanning += view[whole:]
+    if spanning or total == 0:
+        yield bytes(spanning)
 
 
 def seal(
@@ -389,7 +424,8 @@ class Opener:
                 raise RecordError("truncated record header")
             if len(self._buffer) < TAG_SIZE:
                 raise RecordError("truncated record: no final chunk")
-            return cipher.open(self._index, bytes(self._buffer), last=True)
+            with memoryview(self._buffer) as view:
+                return cipher.open(self._index, view, last=True)
 
     def whole(self, data: bytes) -> bytes:
         """The plaintext of the whole record ``data``, instead of ``feed`` and ``close``:
@@ -452,12 +488,15 @@ class Opener:
     def _open_full_chunks(self, cipher: _ChunkCipher) -> list[bytes]:
         out = []
         start = 0
-        # A full chunk with nothing after it yet may be the final one: keep it back.
-        while len(self._buffer) - start > self._sealed_size:
-            end = start + self._sealed_size
-            out.append(cipher.open(self._index, bytes(self._buffer[start:end]), last=False))
-            self._index += 1
-            start = end
+        # Each chunk is opened from a view of the buffer, not a copy (the view is let go
+        # before the buffer is cut). A full chunk with nothing after it yet may be the
+        # final one: keep it back.
+        with memoryview(self._buffer) as view:
+            while len(view) - start > self._sealed_size:
+                end = start + self._sealed_size
+                out.append(cipher.open(self._index, view[start:end], last=False))
+                self._index += 1
+                start = end
         del self._buffer[:start]
         return out
 

@@ -44,15 +44,18 @@ from mta import durable as _files
 from mta.errors import SpoolError, SpoolFull
 from mta.model import Envelope, QueueId
 from mta.spool.diskthreads import DiskThreads
-from mta.spool.envelope import decode_message, encode_message
+from mta.spool.envelope import decode_message_parts, encode_envelope
 from mta.spool.keys import KeyRing
 from mta.spool.record import (
+    CHUNK_SIZE,
     MAX_HEADER_SIZE,
+    TAG_SIZE,
+    Opener,
     RecordError,
     RecordHeader,
     RecordKind,
+    Sealer,
     read_header,
-    seal,
     unseal,
     unwrap_data_key,
 )
@@ -65,6 +68,7 @@ QID_LENGTH: Final = 20
 # listener to have its fsync in flight at once.
 SPOOL_WRITERS: Final = 16
 _NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+SEALED_CHUNK_SIZE: Final = CHUNK_SIZE + TAG_SIZE  # a message record is read this much at a time
 
 Random = Callable[[int], bytes]
 
@@ -256,11 +260,12 @@ class SpoolStore(SpoolDirectory):
         """
         qid = self._new_qid()  # 100 random bits, and settle() never links over a name
         _check_qid(qid)
-        record = self._seal(RecordKind.MESSAGE, qid, encode_message(envelope, content))
+        # Sealed chunk by chunk as it is written: neither the payload (envelope and
+        # content) nor the record is ever whole in memory, only ``content`` itself.
+        record = self._sealer(RecordKind.MESSAGE, qid).stream((encode_envelope(envelope), content))
         tmp = self.tmp_dir / qid
         with _storage_errors("store", qid):
-            fd = _files.create_written(tmp, record)
-        del record  # in the page cache now: not held in memory through the fsync wait
+            fd = _files.create_written_pieces(tmp, record)
         # The thread owns ``fd`` from here and runs to the end whatever happens to this
         # task (closing the fd here could hand its number to the next put).
 
@@ -284,10 +289,22 @@ class SpoolStore(SpoolDirectory):
         return await asyncio.to_thread(self._read_message, qid)
 
     def _read_message(self, qid: QueueId) -> tuple[Envelope, bytes]:
+        """Read and opened a sealed chunk at a time, the content joined once at the end:
+        a 1 MiB message is held twice at most (its opened chunks, then the content), not
+        four times (the file, the chunks, the payload, the content cut out of it)."""
         _check_qid(qid)
-        with _storage_errors("read", qid):
-            data = _files.read_file(self.msg_dir / qid)
-        return decode_message(self._unseal(RecordKind.MESSAGE, qid, data))
+        opener = Opener(kind=RecordKind.MESSAGE, qid=qid, keys=self.keyring.get)
+        plain: list[bytes] = []
+        try:
+            pieces = _files.read_pieces(self.msg_dir / qid, SEALED_CHUNK_SIZE)
+            with _storage_errors("read", qid), contextlib.closing(pieces):
+                for piece in pieces:
+                    plain += opener.feed(piece)
+            plain.append(opener.close())
+        except RecordError:
+            log.error("spool.corrupt", extra={"qid": qid, "kind": "message"})
+            raise
+        return decode_message_parts(plain)
 
     # --- delivery state ---
 
@@ -413,10 +430,13 @@ class SpoolStore(SpoolDirectory):
     # --- helpers ---
 
     def _seal(self, kind: RecordKind, qid: QueueId, payload: bytes) -> bytes:
+        return self._sealer(kind, qid).whole(payload)
+
+    def _sealer(self, kind: RecordKind, qid: QueueId) -> Sealer:
         key_id = self.keyring.active_id
         kek = self.keyring.get(key_id)
         assert kek is not None  # the active key is always in the ring
-        return seal(payload, kind=kind, qid=qid, key_id=key_id, kek=kek, random=self._random)
+        return Sealer(kind=kind, qid=qid, key_id=key_id, kek=kek, random=self._random)
 
     def _unseal(self, kind: RecordKind, qid: QueueId, data: bytes) -> bytes:
         try:

@@ -211,6 +211,10 @@ class FaultyOs:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return os.write(fd, data)
 
+    def writev(self, fd: int, buffers: Any) -> int:
+        """The spool writes records with ``writev``: the same faults as ``write``."""
+        return self.write(fd, b"".join(buffers))
+
     def fsync(self, fd: int) -> None:
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         if self._fire("fsync-dir" if is_dir else "fsync"):

@@ -17,7 +17,7 @@ from mta.errors import SpoolError
 from mta.events import DeliveryAttempt, Event
 from mta.model import DeliveryResult, Envelope, Outcome, QueueId, RecipientResult
 from mta.reply import SmtpReply
-from mta.schedule.scheduler import QueueEntry, Scheduler
+from mta.schedule.scheduler import FRESH_LARGEST, QueueEntry, Scheduler
 from mta.schedule.state import RcptStatus, decode_state, encode_state, initial_state
 
 from .fakes import LATER, NO_USER, OK, T0, FakeAgent, FakeClock, MemoryStore, until
@@ -576,5 +576,24 @@ def test_an_attempt_for_our_own_report_mail_is_marked_as_one() -> None:
         await rig.scheduler.run_once()
         attempts = [e for e in rig.events if isinstance(e, DeliveryAttempt)]
         assert sorted(e.report for e in attempts) == [False, True]
+
+    run(main)
+
+
+@pytest.mark.parametrize(("size", "cached"), [(FRESH_LARGEST, True), (FRESH_LARGEST + 1, False)])
+def test_only_small_fresh_content_skips_the_spool(size: int, cached: bool) -> None:
+    """Content handed over at enqueue serves the first attempt only up to
+    ``FRESH_LARGEST``; a larger message is read back from the spool instead of being
+    held while it waits for a slot."""
+
+    async def main() -> None:
+        rig = Rig()
+        env = envelope("bob@b.test")
+        fresh = b"S" * size
+        qid = rig.store.add(env, b"T" * size)  # what the spool would give back
+        rig.scheduler.enqueue(qid, env, fresh)
+        assert await rig.scheduler.run_once() == 1
+        [call] = rig.agent.calls
+        assert (call.content == fresh) is cached
 
     run(main)

@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta.model import Envelope
-from mta.spool.envelope import decode_message, encode_message
+from mta.spool.envelope import (
+    decode_message,
+    decode_message_parts,
+    encode_envelope,
+    encode_message,
+)
 from mta.spool.record import RecordError
 
 envelopes = st.builds(
@@ -142,3 +147,21 @@ def test_deeply_nested_json_is_a_record_error() -> None:
 def test_garbage_raises_only_record_error(garbage: bytes) -> None:
     with contextlib.suppress(RecordError):  # anything else fails the test
         decode_message(garbage)
+
+
+@given(cuts=st.lists(st.integers(0, 400), max_size=8), content=st.binary(max_size=200))
+def test_decoding_parts_equals_decoding_the_whole(cuts: list[int], content: bytes) -> None:
+    """The spool decodes a message from its opened chunks: cut anywhere, even inside
+    the length or the JSON, they decode as the whole payload does."""
+    payload = encode_envelope(ENVELOPE) + content
+    assert payload == encode_message(ENVELOPE, content)
+    points = sorted(min(c, len(payload)) for c in cuts)
+    parts = [payload[a:b] for a, b in zip([0, *points], [*points, len(payload)], strict=True)]
+    assert decode_message_parts(parts) == decode_message(payload) == (ENVELOPE, content)
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4, 20])
+def test_short_parts_are_record_errors(cut: int) -> None:
+    payload = encode_envelope(ENVELOPE)
+    with pytest.raises(RecordError):
+        decode_message_parts([payload[:cut]])

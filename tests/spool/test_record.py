@@ -19,6 +19,7 @@ from mta.spool.record import (
     RecordError,
     RecordKind,
     Sealer,
+    contiguous_pieces,
     open_stream,
     read_header,
     seal,
@@ -138,6 +139,51 @@ def test_streaming_seal_equals_one_shot(payload: bytes, cuts: list[int]) -> None
         out += sealer.update(payload[a:b])
     out += sealer.finish()
     assert out == make(payload)
+
+
+@props
+@given(payload=payloads, cuts=st.lists(st.integers(0, 6 * CS), max_size=10))
+def test_sealing_parts_equals_one_shot(payload: bytes, cuts: list[int]) -> None:
+    """``stream`` over the payload cut anywhere (empty parts too, chunks spanning
+    parts) gives the very record ``seal`` gives for it whole: the old opener reads it."""
+    sealer = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng(), chunk_size=CS)
+    points = sorted(min(c, len(payload)) for c in cuts)
+    parts = [payload[a:b] for a, b in zip([0, *points], [*points, len(payload)], strict=True)]
+    record = b"".join(sealer.stream(parts))
+    assert record == make(payload)
+    assert open_(record) == payload
+
+
+@pytest.mark.parametrize("sizes", [(), (0,), (4, CHUNK_SIZE - 4), (CHUNK_SIZE, 0, 1), (70_000, 9)])
+def test_sealing_parts_at_the_real_chunk_size(sizes: tuple[int, ...]) -> None:
+    parts = [random.Random(i).randbytes(size) for i, size in enumerate(sizes)]
+    sealer = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng())
+    pieces = list(sealer.stream(parts))
+    payload = b"".join(parts)
+    assert b"".join(pieces) == make(payload, chunk_size=CHUNK_SIZE)
+    assert len(pieces) == 1 + n_chunks(len(payload), CHUNK_SIZE)  # the header, each chunk
+
+
+@props
+@given(sizes=st.lists(st.integers(0, 3 * CS), max_size=6), size=st.integers(1, 2 * CS))
+def test_contiguous_pieces(sizes: list[int], size: int) -> None:
+    parts = [bytes([i]) * n for i, n in enumerate(sizes)]
+    total = sum(sizes)
+    pieces = [bytes(p) for p in contiguous_pieces(parts, size, total)]
+    assert b"".join(pieces) == b"".join(parts)
+    assert len(pieces) == n_chunks(total, size)
+    assert all(len(p) == size for p in pieces[:-1])
+
+
+def test_a_sealer_streams_once() -> None:
+    sealer = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng())
+    sealer.stream((b"x",))
+    with pytest.raises(ValueError, match="finished"):
+        sealer.stream((b"x",))
+    used = Sealer(kind=MESSAGE, qid=QID, key_id="k1", kek=KEK, random=rng())
+    used.update(b"x")
+    with pytest.raises(ValueError, match="in use"):
+        used.stream((b"x",))
 
 
 def test_sealer_finishes_once() -> None:

@@ -16,8 +16,9 @@ import pytest
 
 from mta.errors import SpoolCorrupt, SpoolError
 from mta.model import Envelope, QueueId
+from mta.spool.envelope import encode_message
 from mta.spool.keys import KeyRing
-from mta.spool.record import CHUNK_SIZE, RecordKind, read_header, seal
+from mta.spool.record import CHUNK_SIZE, RecordKind, read_header, seal, unseal
 from mta.spool.store import SpoolStore, random_qid
 
 ENVELOPE = Envelope(
@@ -94,6 +95,26 @@ def test_put_then_read(store: SpoolStore) -> None:
 def test_large_message_round_trip(store: SpoolStore) -> None:
     content = os.urandom(3 * CHUNK_SIZE + 11)
     qid = put(store, content=content)
+    assert asyncio.run(store.read(qid)) == (ENVELOPE, content)
+
+
+@pytest.mark.parametrize("size", [0, CHUNK_SIZE - 200, CHUNK_SIZE, 16 * CHUNK_SIZE + 3])
+def test_records_sealed_whole_and_streamed_are_the_same(store: SpoolStore, size: int) -> None:
+    """``put`` seals envelope and content as parts, chunk by chunk: its record opens with
+    ``unseal`` as one sealed whole (the format of every record before it) does, and a
+    record sealed whole reads back through the chunk-by-chunk reader."""
+    content = os.urandom(size)
+    qid = put(store, content=content)
+    record = (store.root / "msg" / qid).read_bytes()
+    payload = unseal(record, kind=RecordKind.MESSAGE, qid=qid, keys=store.keyring.get)
+    assert payload == encode_message(ENVELOPE, content)
+    key_id = store.keyring.active_id
+    kek = store.keyring.get(key_id)
+    assert kek is not None
+    whole = seal(
+        payload, kind=RecordKind.MESSAGE, qid=qid, key_id=key_id, kek=kek, random=os.urandom
+    )
+    (store.root / "msg" / qid).write_bytes(whole)
     assert asyncio.run(store.read(qid)) == (ENVELOPE, content)
 
 
@@ -363,7 +384,7 @@ def failing_on_call(real: Callable[..., object], nth: int) -> Callable[..., obje
 
 @pytest.mark.parametrize(
     ("name", "nth"),
-    [("write", 1), ("fsync", 1), ("link", 1), ("fsync", 2)],
+    [("writev", 1), ("fsync", 1), ("link", 1), ("fsync", 2)],
     ids=["write", "fsync-file", "link", "fsync-dir"],
 )
 def test_failed_put_raises_and_leaves_no_file(
@@ -408,7 +429,7 @@ def test_failed_state_write_keeps_the_old_state(
 ) -> None:
     qid = put(store)
     asyncio.run(store.write_state(qid, b"old"))
-    monkeypatch.setattr(os, "write", failing_on_call(os.write, 1))
+    monkeypatch.setattr(os, "writev", failing_on_call(os.writev, 1))
     with pytest.raises(SpoolError, match="No space left on device"):
         asyncio.run(store.write_state(qid, b"new"))
     monkeypatch.undo()
