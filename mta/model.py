@@ -30,6 +30,9 @@ class Envelope:
     body_8bit: bool = False
     report: bool = False  # mail the relay wrote itself (a TLS report): never counted in one
     requiretls: bool = False  # MAIL FROM ... REQUIRETLS (RFC 8689): authenticated TLS hops only
+    # The content has CRLF line endings only: our listener refused anything else, so
+    # delivery need not scan a large message for bare CR or LF once more.
+    crlf_only: bool = False
 
 
 def domain_of(address: str) -> str:

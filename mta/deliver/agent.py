@@ -171,6 +171,7 @@ class DeliveryAgent:
             envelope.smtputf8,
             envelope.body_8bit,
             envelope.requiretls,
+            envelope.crlf_only,
         )
         # RFC 8689 §4.1: with REQUIRETLS on MAIL FROM the header is ignored.
         relaxed = (

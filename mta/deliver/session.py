@@ -124,6 +124,7 @@ class Transaction:
     smtputf8: bool = False
     body_8bit: bool = False
     requiretls: bool = False  # RFC 8689: authenticated TLS and REQUIRETLS, or not here
+    crlf_only: bool = False  # ``content`` is known to have CRLF line endings only
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,9 +724,9 @@ class _Session:
             return Transacted(tuple(decided[r] for r in txn.rcpts), self.tls, self.policy())
 
         if smtp.supports_extension("pipelining"):
-            replies = await self._pipelined(mail, tuple(lines.values()), txn.content)
+            replies = await self._pipelined(mail, tuple(lines.values()), txn)
         else:
-            replies = await self._one_by_one(mail, tuple(lines.values()), txn.content)
+            replies = await self._one_by_one(mail, tuple(lines.values()), txn)
         if replies.mail.code != 250:
             said = reply_from(*replies.mail)
             if said.code < 500:
@@ -738,7 +739,9 @@ class _Session:
             self.reusable = False
         return Transacted(tuple(decided[r] for r in txn.rcpts), self.tls, self.policy())
 
-    async def _one_by_one(self, mail: bytes, rcpts: tuple[bytes, ...], content: bytes) -> _Replies:
+    async def _one_by_one(
+        self, mail: bytes, rcpts: tuple[bytes, ...], txn: Transaction
+    ) -> _Replies:
         """MAIL, each RCPT, DATA and the payload, each after the reply to the one before."""
         smtp = self.smtp
         self.stage = "MAIL FROM"
@@ -755,11 +758,11 @@ class _Session:
         if replies.data.code == 354:
             _expect_no_surplus(smtp)
             with taken_over(smtp) as channel:
-                replies.end = await self._payload(channel, content)
+                replies.end = await self._payload(channel, txn)
                 replies.payload = True
         return replies
 
-    async def _pipelined(self, mail: bytes, rcpts: tuple[bytes, ...], content: bytes) -> _Replies:
+    async def _pipelined(self, mail: bytes, rcpts: tuple[bytes, ...], txn: Transaction) -> _Replies:
         """RFC 2920: MAIL, every RCPT and DATA (last: it changes the state) in one write,
         then their replies in order. The payload goes only after ``354``, and only when
         MAIL and a RCPT were accepted; after a ``354`` that must send nothing (every RCPT
@@ -782,17 +785,17 @@ class _Session:
             if replies.data.code != 354:
                 return replies
             if replies.mail.code == 250 and any(_accepted(r) for r in replies.rcpts):
-                replies.end = await self._payload(channel, content)
+                replies.end = await self._payload(channel, txn)
                 replies.payload = True
             else:
                 channel.write(b".\r\n")
                 await _last_reply(channel)  # for nothing: no recipient waits on it
         return replies
 
-    async def _payload(self, channel: Channel, content: bytes) -> aiosmtplib.SMTPResponse:
+    async def _payload(self, channel: Channel, txn: Transaction) -> aiosmtplib.SMTPResponse:
         """The DATA payload (``wire.data_payload_parts``) in ``WRITE_CHUNK`` slices as
         the connection takes them (``Channel.write_paced``), then the reply to it."""
-        body, end = data_payload_parts(content)
+        body, end = data_payload_parts(txn.content, crlf_only=txn.crlf_only)
         await channel.write_paced(body, WRITE_CHUNK)
         channel.write(end)
         return await _last_reply(channel)

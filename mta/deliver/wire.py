@@ -18,13 +18,15 @@ from mta.crlf import has_bare_line_ending
 _LINE_END: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
-def data_payload_parts(content: bytes) -> tuple[bytes, bytes]:
+def data_payload_parts(content: bytes, *, crlf_only: bool = False) -> tuple[bytes, bytes]:
     """What follows ``DATA``, as two parts written one after the other: ``content``
     with CRLF line endings and a leading dot doubled on every line (``content`` itself
     when it needs no change, the usual case), then the final CRLF if it lacks one and
     the ``.`` line that ends the data. Joining them would copy every message once more
-    (at 1 MiB and 20 deliveries in flight, 20 MB of peak memory)."""
-    if has_bare_line_ending(content):
+    (at 1 MiB and 20 deliveries in flight, 20 MB of peak memory). ``crlf_only``: the
+    content is known to have CRLF line endings only (our listener checked it), and the
+    scan for bare ones, 2 ms of a 1 MiB message's 16 ms of CPU, is skipped."""
+    if not crlf_only and has_bare_line_ending(content):
         content = _LINE_END.sub(_CRLF, content)
     if content.startswith(b"."):
         content = b"." + content

@@ -427,6 +427,7 @@ class RelayHandler:
             smtputf8=bool(envelope.smtp_utf8),
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             requiretls=REQUIRETLS in envelope.mail_options,
+            crlf_only=True,  # checked above: a bare CR or LF was refused
         )
         content = b"".join((header, raw))  # the one copy of the message made here
         # The body without our header is no longer needed: let it go before the fsync

@@ -33,7 +33,8 @@ _FIELDS: Final = frozenset(
         "body_8bit",
     }
 )
-_OPTIONAL: Final = frozenset({"report", "requiretls"})  # written only when set: older lack them
+# Written only when set: older records lack them.
+_OPTIONAL: Final = frozenset({"report", "requiretls", "crlf_only"})
 
 
 def encode_message(envelope: Envelope, content: bytes) -> bytes:
@@ -58,6 +59,8 @@ def encode_envelope(envelope: Envelope) -> bytes:
         doc["report"] = True
     if envelope.requiretls:
         doc["requiretls"] = True
+    if envelope.crlf_only:
+        doc["crlf_only"] = True
     meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
     return _LENGTH.pack(len(meta)) + meta
 
@@ -120,6 +123,7 @@ def _envelope(doc: dict[str, Any]) -> Envelope:
         body_8bit=_typed(doc, "body_8bit", bool),
         report=_typed(doc, "report", bool) if "report" in doc else False,
         requiretls=_typed(doc, "requiretls", bool) if "requiretls" in doc else False,
+        crlf_only=_typed(doc, "crlf_only", bool) if "crlf_only" in doc else False,
     )
 
 

@@ -44,3 +44,23 @@ def test_a_message_that_needs_no_change_is_sent_as_itself_not_copied() -> None:
     body, end = data_payload_parts(content)
     assert body is content
     assert end == b".\r\n"
+
+
+crlf_lines = st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"a.b"])).map(
+    lambda lines: b"".join(line + b"\r\n" for line in lines)
+)
+
+
+@given(crlf_lines)
+def test_content_known_to_be_crlf_only_is_sent_the_same_without_the_scan(content: bytes) -> None:
+    assert b"".join(data_payload_parts(content, crlf_only=True)) == data_payload(content)
+
+
+def test_content_known_to_be_crlf_only_is_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
+    def scanned(data: bytes) -> bool:
+        raise AssertionError("scanned for bare line endings")
+
+    monkeypatch.setattr("mta.deliver.wire.has_bare_line_ending", scanned)
+    assert data_payload_parts(b"a\r\n", crlf_only=True) == (b"a\r\n", b".\r\n")
+    with pytest.raises(AssertionError, match="scanned"):
+        data_payload_parts(b"a\r\n")

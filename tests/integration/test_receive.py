@@ -185,6 +185,7 @@ def test_local_domain_accepted_from_anyone(relay: Relay, recorder: Recorder) -> 
         assert send_data(smtp, MESSAGE) == "250 2.0.0 Ok: queued as Q0001"
     envelope, _ = recorder.calls[0]
     assert envelope.rcpt_tos == ("User@local.test",)
+    assert envelope.crlf_only  # bare CR or LF was refused: delivery need not scan again
 
 
 @pytest.mark.parametrize("rcpt", ["<a..b@local.test>", "<user@-bad.test>", "<@x:user>", "<a@b@c>"])

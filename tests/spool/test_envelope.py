@@ -30,6 +30,7 @@ envelopes = st.builds(
     body_8bit=st.booleans(),
     report=st.booleans(),
     requiretls=st.booleans(),
+    crlf_only=st.booleans(),
 )
 
 ENVELOPE = Envelope("alice@example.org", ("bob@example.net",), 1_700_000_000.5, "192.0.2.1", "mx")
@@ -84,6 +85,7 @@ def good_doc() -> dict[str, object]:
         ({"smtputf8": 1}, "smtputf8"),
         ({"report": 1}, "report"),
         ({"requiretls": "yes"}, "requiretls"),
+        ({"crlf_only": 1}, "crlf_only"),
         ({"unknown": 1}, "fields"),
     ],
 )
@@ -110,6 +112,15 @@ def test_the_requiretls_flag_is_sealed_and_older_records_lack_it() -> None:
     assert "requiretls" not in good_doc()  # records as they were before the flag existed
     decoded, _ = decode_message(payload_with(good_doc()))
     assert decoded.requiretls is False
+
+
+def test_the_crlf_only_mark_is_sealed_and_older_records_lack_it() -> None:
+    """Older records, whose content nobody marked, are scanned on delivery as before."""
+    checked = Envelope("alice@example.org", ("bob@example.net",), 1.0, crlf_only=True)
+    assert decode_message(encode_message(checked, b"x\r\n")) == (checked, b"x\r\n")
+    assert "crlf_only" not in good_doc()
+    decoded, _ = decode_message(payload_with(good_doc()))
+    assert decoded.crlf_only is False
 
 
 def test_missing_field() -> None:
