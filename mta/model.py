@@ -33,6 +33,9 @@ class Envelope:
     # The content has CRLF line endings only: our listener refused anything else, so
     # delivery need not scan a large message for bare CR or LF once more.
     crlf_only: bool = False
+    # No line of the content begins with "." (our listener saw none): delivery has
+    # nothing to dot-stuff and need not look for one.
+    dot_free: bool = False
 
 
 def domain_of(address: str) -> str:

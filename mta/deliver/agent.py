@@ -172,6 +172,7 @@ class DeliveryAgent:
             envelope.body_8bit,
             envelope.requiretls,
             envelope.crlf_only,
+            envelope.dot_free,
         )
         # RFC 8689 §4.1: with REQUIRETLS on MAIL FROM the header is ignored.
         relaxed = (

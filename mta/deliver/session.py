@@ -125,6 +125,7 @@ class Transaction:
     body_8bit: bool = False
     requiretls: bool = False  # RFC 8689: authenticated TLS and REQUIRETLS, or not here
     crlf_only: bool = False  # ``content`` is known to have CRLF line endings only
+    dot_free: bool = False  # ... and no line that begins with "."
 
 
 @dataclass(frozen=True, slots=True)
@@ -795,7 +796,7 @@ class _Session:
     async def _payload(self, channel: Channel, txn: Transaction) -> aiosmtplib.SMTPResponse:
         """The DATA payload (``wire.data_payload_parts``) in ``WRITE_CHUNK`` slices as
         the connection takes them (``Channel.write_paced``), then the reply to it."""
-        body, end = data_payload_parts(txn.content, crlf_only=txn.crlf_only)
+        body, end = data_payload_parts(txn.content, crlf_only=txn.crlf_only, dot_free=txn.dot_free)
         await channel.write_paced(body, WRITE_CHUNK)
         channel.write(end)
         return await _last_reply(channel)

@@ -117,6 +117,7 @@ class DataStream:
     too_big: bool = False
     too_long: bool = False
     leftover: bytes = b""  # what followed the end: pipelined commands
+    dot_free: bool = False  # no line of the content begins with "." (known at the end)
     # The stream as read, from the DATA line's CRLF on: the chunks themselves, joined
     # once at the end (appending each to one growing buffer cost a reallocation, often
     # a copy of all so far, every few chunks: 8% of a receiving process's time).
@@ -178,6 +179,8 @@ class DataStream:
         # moves its start.) At 1 MiB per message and 20 sessions each copy is 20 MB.
         if stuffed.find(b"\r\n.") >= 0:
             stuffed = stuffed.replace(b"\r\n.", _CRLF)
+        else:  # nor will delivery have a line to dot-stuff: it need not look again
+            self.dot_free = True
         del stuffed[: len(_CRLF)]
         self._body = stuffed
 

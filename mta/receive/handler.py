@@ -276,6 +276,14 @@ def _listening_on(server: SMTP, listener: ListenerConfig) -> str:
     return f"{listener.address}:{listener.port}"
 
 
+class RelayEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope, plus what our DATA reader learned of the content."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dot_free = False  # ``receive.data.DataStream.dot_free``
+
+
 class RelayHandler:
     """aiosmtpd handler for one listener.
 
@@ -428,6 +436,7 @@ class RelayHandler:
             body_8bit="BODY=8BITMIME" in envelope.mail_options,
             requiretls=REQUIRETLS in envelope.mail_options,
             crlf_only=True,  # checked above: a bare CR or LF was refused
+            dot_free=isinstance(envelope, RelayEnvelope) and envelope.dot_free,
         )
         content = b"".join((header, raw))  # the one copy of the message made here
         # The body without our header is no longer needed: let it go before the fsync

@@ -89,7 +89,7 @@ from mta.errors import ConfigError
 from mta.events import EventSink
 from mta.receive.data import DataStream, Refusal
 from mta.receive.data import refusal as message_refusal
-from mta.receive.handler import Accept, RelayHandler, hook_names, peer_ip
+from mta.receive.handler import Accept, RelayEnvelope, RelayHandler, hook_names, peer_ip
 from mta.receive.limits import AuthFailures, ConnectionGate, ErrorBudget
 from mta.reply import (
     S421_SHUTTING_DOWN,
@@ -428,6 +428,9 @@ class RelaySMTP(SMTP):
     def __dir__(self) -> list[str]:
         return hook_names(type(self), ("smtp_", "auth_"))  # see handler.hook_names
 
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
     async def _send(self, reply: str | None) -> None:
         """Say ``reply``, or hold it back while the client's next command is already here.
 
@@ -604,6 +607,8 @@ class RelaySMTP(SMTP):
         # bytes; our handler takes either): see ``receive.data``. Held by the envelope
         # alone, which the handler clears once it has made the content it stores.
         self.envelope.content = stream.take()  # type: ignore[assignment]
+        if isinstance(self.envelope, RelayEnvelope):
+            self.envelope.dot_free = stream.dot_free
         self.envelope.original_content = self.envelope.content  # type: ignore[assignment]
         self.storing = True
         try:

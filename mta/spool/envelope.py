@@ -34,7 +34,7 @@ _FIELDS: Final = frozenset(
     }
 )
 # Written only when set: older records lack them.
-_OPTIONAL: Final = frozenset({"report", "requiretls", "crlf_only"})
+_OPTIONAL: Final = frozenset({"report", "requiretls", "crlf_only", "dot_free"})
 
 
 def encode_message(envelope: Envelope, content: bytes) -> bytes:
@@ -61,6 +61,8 @@ def encode_envelope(envelope: Envelope) -> bytes:
         doc["requiretls"] = True
     if envelope.crlf_only:
         doc["crlf_only"] = True
+    if envelope.dot_free:
+        doc["dot_free"] = True
     meta = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode("ascii")
     return _LENGTH.pack(len(meta)) + meta
 
@@ -124,6 +126,7 @@ def _envelope(doc: dict[str, Any]) -> Envelope:
         report=_typed(doc, "report", bool) if "report" in doc else False,
         requiretls=_typed(doc, "requiretls", bool) if "requiretls" in doc else False,
         crlf_only=_typed(doc, "crlf_only", bool) if "crlf_only" in doc else False,
+        dot_free=_typed(doc, "dot_free", bool) if "dot_free" in doc else False,
     )
 
 

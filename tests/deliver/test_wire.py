@@ -64,3 +64,14 @@ def test_content_known_to_be_crlf_only_is_not_scanned(monkeypatch: pytest.Monkey
     assert data_payload_parts(b"a\r\n", crlf_only=True) == (b"a\r\n", b".\r\n")
     with pytest.raises(AssertionError, match="scanned"):
         data_payload_parts(b"a\r\n")
+
+
+@given(crlf_lines.filter(lambda content: not content.startswith(b".") and b"\r\n." not in content))
+def test_dot_free_content_is_sent_as_itself(content: bytes) -> None:
+    body, end = data_payload_parts(content, crlf_only=True, dot_free=True)
+    assert body is content
+    assert body + end == data_payload(content)
+
+
+def test_dot_free_means_nothing_once_bare_line_endings_were_mended() -> None:
+    assert data_payload_parts(b"a\n.b\r\n", dot_free=True) == (b"a\r\n..b\r\n", b".\r\n")

@@ -186,6 +186,21 @@ def test_local_domain_accepted_from_anyone(relay: Relay, recorder: Recorder) -> 
     envelope, _ = recorder.calls[0]
     assert envelope.rcpt_tos == ("User@local.test",)
     assert envelope.crlf_only  # bare CR or LF was refused: delivery need not scan again
+    assert envelope.dot_free  # no line begins with a dot: delivery need not stuff one
+
+
+def test_a_line_that_begins_with_a_dot_is_marked_for_stuffing(
+    relay: Relay, recorder: Recorder
+) -> None:
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.docmd("MAIL FROM:<a@example.test>")
+        smtp.docmd("RCPT TO:<b@local.test>")
+        assert send_data(smtp, b"Subject: x\r\n\r\n..hidden\r\n.\r\n").startswith("250")
+    envelope, content = recorder.calls[0]
+    assert content.endswith(b"\r\n.hidden\r\n")
+    assert envelope.crlf_only
+    assert not envelope.dot_free  # delivery stuffs it again
 
 
 @pytest.mark.parametrize("rcpt", ["<a..b@local.test>", "<user@-bad.test>", "<@x:user>", "<a@b@c>"])

@@ -65,6 +65,16 @@ def test_same_outcome_as_line_by_line(
         assert (got[0] in ("too_big", "too_long"), got[1], got[2]) == (True, b"", expected[2])
 
 
+@given(st.lists(st.sampled_from([b"", b".", b"..", b"a", b".a", b"a.", b"x" * 600]), max_size=8))
+def test_dot_free_says_whether_a_line_of_the_content_begins_with_a_dot(lines: list[bytes]) -> None:
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    reader = DataStream(0)
+    assert reader.feed(stuffed + b".\r\n")
+    content = bytes(reader.content)
+    assert content == b"".join(line + b"\r\n" for line in lines)
+    assert reader.dot_free == (not any(line.startswith(b".") for line in lines))
+
+
 @pytest.mark.parametrize(
     ("stream", "content", "leftover"),
     [

@@ -31,6 +31,7 @@ envelopes = st.builds(
     report=st.booleans(),
     requiretls=st.booleans(),
     crlf_only=st.booleans(),
+    dot_free=st.booleans(),
 )
 
 ENVELOPE = Envelope("alice@example.org", ("bob@example.net",), 1_700_000_000.5, "192.0.2.1", "mx")
@@ -86,6 +87,7 @@ def good_doc() -> dict[str, object]:
         ({"report": 1}, "report"),
         ({"requiretls": "yes"}, "requiretls"),
         ({"crlf_only": 1}, "crlf_only"),
+        ({"dot_free": "yes"}, "dot_free"),
         ({"unknown": 1}, "fields"),
     ],
 )
@@ -114,13 +116,13 @@ def test_the_requiretls_flag_is_sealed_and_older_records_lack_it() -> None:
     assert decoded.requiretls is False
 
 
-def test_the_crlf_only_mark_is_sealed_and_older_records_lack_it() -> None:
+def test_the_wire_marks_are_sealed_and_older_records_lack_them() -> None:
     """Older records, whose content nobody marked, are scanned on delivery as before."""
-    checked = Envelope("alice@example.org", ("bob@example.net",), 1.0, crlf_only=True)
+    checked = Envelope("a@example.org", ("b@example.net",), 1.0, crlf_only=True, dot_free=True)
     assert decode_message(encode_message(checked, b"x\r\n")) == (checked, b"x\r\n")
     assert "crlf_only" not in good_doc()
     decoded, _ = decode_message(payload_with(good_doc()))
-    assert decoded.crlf_only is False
+    assert (decoded.crlf_only, decoded.dot_free) == (False, False)
 
 
 def test_missing_field() -> None:
