@@ -607,8 +607,8 @@ class RelaySMTP(SMTP):
         # bytes; our handler takes either): see ``receive.data``. Held by the envelope
         # alone, which the handler clears once it has made the content it stores.
         self.envelope.content = stream.take()  # type: ignore[assignment]
-        if isinstance(self.envelope, RelayEnvelope):
-            self.envelope.dot_free = stream.dot_free
+        assert isinstance(self.envelope, RelayEnvelope)  # always ours: _create_envelope
+        self.envelope.dot_free = stream.dot_free
         self.envelope.original_content = self.envelope.content  # type: ignore[assignment]
         self.storing = True
         try:

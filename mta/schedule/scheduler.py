@@ -200,9 +200,12 @@ class Scheduler:
             return
         self._admit(qid, envelope, initial_state(envelope))
         entry = self._index.get(qid)
-        size = FRESH_LARGEST + 1 if content is None else len(content)
-        fits = size <= FRESH_LARGEST and self._fresh_bytes + size <= FRESH_BYTES
-        if entry is not None and content is not None and fits:
+        if (
+            entry is not None
+            and content is not None
+            and len(content) <= FRESH_LARGEST
+            and self._fresh_bytes + len(content) <= FRESH_BYTES
+        ):
             entry.content = content
             self._fresh_bytes += len(content)
 

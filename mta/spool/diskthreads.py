@@ -1,4 +1,4 @@
-"""Threads that wait for the disk on the spool's behalf (fsync, link, unlink).
+"""Threads that do the spool's file work (reads, writes, fsync, link, unlink) for the loop.
 
 ``concurrent.futures.ThreadPoolExecutor`` and ``asyncio.to_thread`` cost more per job
 than the job's own Python: a concurrent ``Future`` with its condition variable, an
@@ -83,14 +83,15 @@ def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
 def _settle(
     done: asyncio.Future[Any], first: Finished | None, result: object, error: BaseException | None
 ) -> None:
-    if first is not None:
-        first(error)
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(result)
-    else:
-        done.set_exception(error)
+    try:
+        if first is not None:
+            first(error)
+    finally:  # whatever ``first`` raised (the loop logs it), the waiter gets its answer
+        if not done.cancelled():
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
 
 
 def _stop(jobs: queue.SimpleQueue[_Job | None], count: int) -> None:

@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 
 QID: Final = re.compile(r"[A-Za-z0-9]{1,64}")
 QID_LENGTH: Final = 20
-# Threads that wait for fsyncs of new messages: enough for every session of a busy
-# listener to have its fsync in flight at once.
+# The spool's disk threads (every read, write, fsync and removal): enough for every
+# session of a busy listener to have its fsync in flight at once.
 SPOOL_WRITERS: Final = 16
 _NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 SEALED_CHUNK_SIZE: Final = CHUNK_SIZE + TAG_SIZE  # a message record is read this much at a time
@@ -286,7 +286,7 @@ class SpoolStore(SpoolDirectory):
 
     async def read(self, qid: QueueId) -> tuple[Envelope, bytes]:
         """The envelope and content of a stored message (``SpoolCorrupt`` if bad)."""
-        return await asyncio.to_thread(self._read_message, qid)
+        return await self._writers.run(self._read_message, qid)
 
     def _read_message(self, qid: QueueId) -> tuple[Envelope, bytes]:
         """Read and opened a sealed chunk at a time, the content joined once at the end:
@@ -295,15 +295,12 @@ class SpoolStore(SpoolDirectory):
         _check_qid(qid)
         opener = Opener(kind=RecordKind.MESSAGE, qid=qid, keys=self.keyring.get)
         plain: list[bytes] = []
-        try:
+        with _corrupt(RecordKind.MESSAGE, qid):
             pieces = _files.read_pieces(self.msg_dir / qid, SEALED_CHUNK_SIZE)
             with _storage_errors("read", qid), contextlib.closing(pieces):
                 for piece in pieces:
                     plain += opener.feed(piece)
             plain.append(opener.close())
-        except RecordError:
-            log.error("spool.corrupt", extra={"qid": qid, "kind": "message"})
-            raise
         return decode_message_parts(plain)
 
     # --- delivery state ---
@@ -311,7 +308,7 @@ class SpoolStore(SpoolDirectory):
     async def write_state(self, qid: QueueId, payload: bytes) -> None:
         """Replace the delivery state of ``qid`` atomically and durably."""
         async with self._locks.hold(qid):
-            await asyncio.to_thread(self._write_state, qid, payload)
+            await self._writers.run(self._write_state, qid, payload)
 
     def _write_state(self, qid: QueueId, payload: bytes) -> None:
         _check_qid(qid)
@@ -321,7 +318,7 @@ class SpoolStore(SpoolDirectory):
 
     async def read_state(self, qid: QueueId) -> bytes | None:
         """The delivery state of ``qid``; None when none has been written yet."""
-        return await asyncio.to_thread(self._read_state, qid)
+        return await self._writers.run(self._read_state, qid)
 
     def _read_state(self, qid: QueueId) -> bytes | None:
         _check_qid(qid)
@@ -355,14 +352,14 @@ class SpoolStore(SpoolDirectory):
         ``reason`` is logged; it must not hold message content.
         """
         async with self._locks.hold(qid):
-            await asyncio.to_thread(self._quarantine, qid)
+            await self._writers.run(self._quarantine, qid)
         log.warning("spool.quarantined", extra={"qid": qid, "reason": reason})
 
     async def quarantine_foreign(self, qid: QueueId, key_id: str) -> None:
         """Quarantine a message with a record sealed under ``key_id``, a key this spool
         never had (copied from another relay, a flipped bit): the one alert for it."""
         async with self._locks.hold(qid):
-            await asyncio.to_thread(self._quarantine, qid)
+            await self._writers.run(self._quarantine, qid)
         log.error(
             "spool.foreign_record",
             extra={"qid": qid, "key_id": key_id, "action": "quarantined"},
@@ -390,7 +387,7 @@ class SpoolStore(SpoolDirectory):
         rewrapped = failed = 0
         for qid in self.queue_ids():
             async with self._locks.hold(qid):
-                done, bad = await asyncio.to_thread(self._rewrap, qid, active)
+                done, bad = await self._writers.run(self._rewrap, qid, active)
             rewrapped += done
             failed += bad
         log.info(
@@ -439,11 +436,8 @@ class SpoolStore(SpoolDirectory):
         return Sealer(kind=kind, qid=qid, key_id=key_id, kek=kek, random=self._random)
 
     def _unseal(self, kind: RecordKind, qid: QueueId, data: bytes) -> bytes:
-        try:
+        with _corrupt(kind, qid):
             return unseal(data, kind=kind, qid=qid, keys=self.keyring.get)
-        except RecordError:
-            log.error("spool.corrupt", extra={"qid": qid, "kind": kind.name.lower()})
-            raise
 
     def _write(self, qid: QueueId, final: Path, record: bytes) -> None:
         tmp = self.tmp_dir / f"{qid}.{self._random(6).hex()}"
@@ -478,6 +472,16 @@ class _QidLocks:
                 del self._locks[qid]
             else:
                 self._locks[qid] = (lock, users - 1)
+
+
+@contextlib.contextmanager
+def _corrupt(kind: RecordKind, qid: str) -> Iterator[None]:
+    """Log a record that fails to open (``RecordError``) before it propagates."""
+    try:
+        yield
+    except RecordError:
+        log.error("spool.corrupt", extra={"qid": qid, "kind": kind.name.lower()})
+        raise
 
 
 def _check_qid(qid: str) -> None:

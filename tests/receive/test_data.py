@@ -97,8 +97,9 @@ def test_take_hands_the_buffer_over_and_keeps_no_copy(first: bytes) -> None:
     reader = DataStream(0)
     assert not reader.feed(first + b"\r\n" + b"x" * 998)
     assert reader.feed(b"\r\n.\r\nQUIT\r\n")
-    assert reader.content is reader.content
+    held = reader.content
     body = reader.take()
+    assert body is held  # handed over, not copied
     assert type(body) is bytearray
     assert body == first[-6:] + b"\r\n" + b"x" * 998 + b"\r\n"
     assert reader.content == b""

@@ -64,3 +64,21 @@ def test_the_threads_end_when_their_owner_is_gone() -> None:
     while names("dt-gone") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert names("dt-gone") == []
+
+
+def test_the_waiter_gets_its_answer_even_when_first_raises() -> None:
+    """``first`` (the spool's "stored" callback) failing must not leave a put hanging
+    (the client would never get its reply); the loop's handler sees the error."""
+    threads = DiskThreads(1, "dt-first")
+    seen: list[BaseException] = []
+
+    def broken(error: BaseException | None) -> None:
+        raise RuntimeError("scheduler refused")
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: seen.append(context["exception"]))
+        return await asyncio.wait_for(threads.submit(int, "7", first=broken), 5)
+
+    assert asyncio.run(run()) == 7
+    assert [str(error) for error in seen] == ["scheduler refused"]
