@@ -107,6 +107,12 @@ def _encode_progress(progress: Progress) -> bytes:
 
 def _decode_progress(data: bytes) -> Progress:
     doc = json.loads(data)
+    if not (
+        isinstance(doc, dict)
+        and isinstance(doc.get("done"), list)
+        and isinstance(doc.get("tries"), dict)
+    ):
+        raise ValueError("not a sent-mark document")
     return Progress(
         frozenset(_text(d) for d in doc["done"]),
         {_text(k): _count(v) for k, v in doc["tries"].items()},
@@ -165,7 +171,7 @@ class FleetReports:
         try:
             opened = await self._store.get_opened(name, self._key.unseal)
             return None if opened is None else _decode_progress(opened)
-        except (Unsealable, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (Unsealable, ValueError) as err:  # a bug is not taken for a bad record
             log.warning("shared.tlsrpt.sent_unreadable", extra={"error": str(err)})
             return Progress(frozenset({"*"}), {"*": 1})  # never send twice
 

@@ -7,7 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from mta.report.group_metrics import merge
 
 
-def exposition(received: int, ack: list[float], queued: int, oldest: float, ok: int) -> str:
+def exposition(
+    received: int, ack: list[float], queued: int, oldest: float, ok: int, shared: int = 1
+) -> str:
     registry = CollectorRegistry()
     counter = Counter("mta_messages_received", "r", ["listener"], registry=registry)
     counter.labels("relay").inc(received)
@@ -17,7 +19,7 @@ def exposition(received: int, ack: list[float], queued: int, oldest: float, ok: 
     Gauge("mta_queue_messages", "q", registry=registry).set(queued)
     Gauge("mta_queue_oldest_seconds", "o", registry=registry).set(oldest)
     Gauge("mta_dnssec_probe_ok", "d", registry=registry).set(ok)
-    Gauge("mta_shared_state_up", "s", registry=registry).set(ok)
+    Gauge("mta_shared_state_up", "s", registry=registry).set(shared)
     return generate_latest(registry).decode()
 
 
@@ -30,7 +32,7 @@ def samples(texts: list[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def test_counters_histograms_and_the_queue_add_up_the_rest_by_their_meaning() -> None:
-    got = samples([exposition(3, [0.05, 0.5], 2, 10.0, 1), exposition(4, [0.05], 5, 30.0, 0)])
+    got = samples([exposition(3, [0.05, 0.5], 2, 10.0, 1, 0), exposition(4, [0.05], 5, 30.0, 0, 1)])
     assert got["mta_messages_received_total", (("listener", "relay"),)] == 7
     assert got["mta_ack_latency_seconds_bucket", (("le", "0.1"),)] == 2
     assert got["mta_ack_latency_seconds_bucket", (("le", "+Inf"),)] == 3

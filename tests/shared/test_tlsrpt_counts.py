@@ -16,7 +16,8 @@ from mta.report.tlsrpt import (
     ReportPolicy,
     render_report,
 )
-from mta.shared.tlsrpt import decode_tally, encode_tally
+from mta.report.tlsrpt_send import Progress
+from mta.shared.tlsrpt import _decode_progress, _encode_progress, decode_tally, encode_tally
 
 DAY = date(2026, 12, 3)
 STS = ReportPolicy(PolicyType.STS, "a.example", ("version: STSv1", "mode: enforce"), ("mx.a",))
@@ -87,3 +88,19 @@ def test_merge_sums_every_relay() -> None:
 def test_malformed_counts_are_refused(doc: object) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - any ValueError: the caller logs it
         decode_tally(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b"[]", b'{"done": "x", "tries": {}}', b'{"done": []}', b'{"done": [1], "tries": {}}', b"{"],
+)
+def test_a_malformed_sent_mark_is_a_value_error(doc: bytes) -> None:
+    """Only a bad record, never a bug, is taken for an unreadable sent-mark (which stops
+    that report rather than risk sending it twice)."""
+    with pytest.raises(ValueError, match=r"sent-mark|expected a string|Expecting"):
+        _decode_progress(doc)
+
+
+def test_a_sent_mark_round_trips() -> None:
+    progress = Progress(frozenset({"mailto:r@a.example"}), {"https://a.example/r": 2})
+    assert _decode_progress(_encode_progress(progress)) == progress
